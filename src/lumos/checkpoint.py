@@ -1,0 +1,155 @@
+"""Model folders: our own format and the official Chameleon-format checkpoints.
+
+Our format: `config.json` ({"format": "lumos", "model": ModelConfig fields, ...}) and
+`model.safetensors` with our parameter names. Official: a HF Chameleon folder (`config.json` with
+vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+intermediate_size, rope_theta, rms_norm_eps, mm_rope; one or more `*.safetensors` shards with the
+HF key names of method.md section 6). Loading reports missing, unexpected and ignored keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lumos.config import ModelConfig
+from lumos.model import Lumos, build_model
+
+IGNORED_PREFIXES = ("model.vqmodel.", "model.vocabulary_mapping.")  # Chameleon's image VQ
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def raise_if_incomplete(self) -> None:
+        if self.missing:
+            raise ValueError(f"checkpoint is missing {len(self.missing)} keys: {self.missing[:8]}")
+
+
+def save_model(model: Lumos, folder: str | Path, extra: dict | None = None) -> None:
+    """Write config.json + model.safetensors (contiguous CPU tensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    meta = {"format": "lumos", "model": model.cfg.to_dict(), **(extra or {})}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in model folder {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def config_from_hf(hf: dict, vocab: str = "official", **overrides) -> ModelConfig:
+    """ModelConfig from a HF Chameleon config.json dict."""
+    try:
+        kw = dict(
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"],
+            vocab=vocab,
+            vocab_size=hf["vocab_size"],
+            rope="mm" if hf.get("mm_rope", True) else "1d",
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        )
+    except KeyError as e:
+        raise ValueError(f"Chameleon config.json lacks {e}") from None
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def _shards(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def _hf_to_ours(key: str) -> str | None:
+    if key == "lm_head.weight":
+        return key
+    if key.startswith("model."):
+        return key[len("model.") :]
+    return None
+
+
+def load_into(model: Lumos, folder: str | Path, hf_names: bool) -> LoadReport:
+    """Copy every tensor of the folder's safetensors into the model (in its dtype/device)."""
+    folder = Path(folder)
+    params = dict(model.state_dict())
+    seen: set[str] = set()
+    rep = LoadReport()
+    with torch.no_grad():
+        for shard in _shards(folder):
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    if hf_names and key.startswith(IGNORED_PREFIXES):
+                        rep.ignored.append(key)
+                        continue
+                    name = _hf_to_ours(key) if hf_names else key
+                    if name is None or name not in params:
+                        rep.unexpected.append(key)
+                        continue
+                    t = f.get_tensor(key)
+                    dst = params[name]
+                    if t.shape != dst.shape:
+                        if t.dim() == 1 and dst.dim() == 2 and t.shape[0] == dst.shape[1]:
+                            t = t.expand_as(dst)  # q/k norm shared across heads
+                        else:
+                            raise ValueError(
+                                f"{key}: checkpoint shape {tuple(t.shape)} != model "
+                                f"{tuple(dst.shape)}"
+                            )
+                    dst.copy_(t.to(dst.dtype))
+                    seen.add(name)
+    rep.missing = sorted(set(params) - seen)
+    return rep
+
+
+def load_model(
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vocab: str | None = None,
+    strict: bool = True,
+    **overrides,
+) -> tuple[Lumos, LoadReport]:
+    """Load our folder or an official Chameleon folder; returns (model in eval mode, report)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    raw = read_config(folder)
+    if raw.get("format") == "lumos":
+        cfg = ModelConfig.from_dict(raw["model"])
+        if overrides or vocab:
+            cfg = cfg.replace(**overrides, **({"vocab": vocab} if vocab else {}))
+        hf = False
+    else:
+        cfg = config_from_hf(raw, vocab=vocab or "official", **overrides)
+        hf = True
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    rep = load_into(model, folder, hf_names=hf)
+    if strict:
+        rep.raise_if_incomplete()
+    return model.eval(), rep

@@ -1,0 +1,211 @@
+"""The Lumos transformer: (tokens, positions, mask, kv cache) -> logits. Nothing else.
+
+A Chameleon/Llama-style decoder (method.md section 6): token embedding -> N x [RMSNorm ->
+attention (q/k LayerNorm over head_dim with a per-head weight and bias, then RoPE) -> residual ->
+RMSNorm -> SwiGLU -> residual] -> RMSNorm -> untied lm_head. No biases in linear layers, GQA.
+Module names follow the HF Chameleon keys (minus the "model." prefix) so official checkpoints
+load by name.
+
+The q/k norm parameters are stored per head ([heads, head_dim]) as in HF checkpoints: Chameleon
+applies one LayerNorm over head_dim, and checkpoints trained with HF code hold a row per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lumos.config import ModelConfig
+from lumos.kvcache import KVCache
+from lumos.rope import Rotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class HeadNorm(nn.Module):
+    """LayerNorm over head_dim (statistics per head) with a [heads, head_dim] weight and bias."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, L, H, d]
+        x = F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+        return x * self.weight + self.bias
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    """q [B, H, L, d], k/v [B, Hkv, T, d]; mask: None, bool [B, 1, L|1, T] or a BlockMask."""
+    if mask is not None and not isinstance(mask, Tensor):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = flex_attention
+        if q.is_cuda:
+            fn = _compiled_flex()
+        return fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, self.h * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.hkv * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.hkv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
+        self.q_norm = HeadNorm(self.h, self.d)
+        self.k_norm = HeadNorm(self.hkv, self.d)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, n, self.h, self.d)).transpose(1, 2)  # [B,H,L,d]
+        k = self.k_norm(self.k_proj(x).view(b, n, self.hkv, self.d)).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.hkv, self.d).transpose(1, 2)  # [B,Hkv,L,d]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, Hkv, T, d]
+        y = _attention(q, k, v, mask)  # [B, H, L, d]
+        return self.o_proj(y.transpose(1, 2).reshape(b, n, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Lumos(nn.Module):
+    """The decoder. `forward` maps tokens [B, L] and positions [B, 3, L] to logits or hidden."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.rope_theta)
+        self.checkpointing = False  # activation checkpointing per layer (set by the trainer)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        mask=None,
+        kv_cache: KVCache | None = None,
+        *,
+        output: str = "logits",
+    ) -> Tensor:
+        """tokens [B, L], positions [B, 3, L]; mask: None (full attention over cache + block),
+        a bool [B, 1, L|1, T] (True = attend) or a FlexAttention BlockMask.
+
+        output="logits" -> [B, L, V]; output="hidden" -> final-normed hidden states [B, L, D].
+        With a kv_cache, the new keys/values are written at each row's length (not committed).
+        """
+        x = self.embed_tokens(tokens)  # [B, L, D]
+        cos, sin = self.rotary(positions)  # [B, L, d]
+        for i, layer in enumerate(self.layers):
+            if self.checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, cos, sin, mask, None, i, use_reentrant=False
+                )
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
+        h = self.norm(x)
+        return h if output == "hidden" else self.lm_head(h)
+
+    def project(self, hidden: Tensor, rows: slice | None = None) -> Tensor:
+        """hidden [..., D] -> logits over lm_head rows (e.g. the visual sub-vocabulary)."""
+        w = self.lm_head.weight if rows is None else self.lm_head.weight[rows]
+        return hidden @ w.t()
+
+    def visual_rows(self) -> slice:
+        v = self.cfg.vocab_spec
+        return slice(v.visual_offset, v.visual_offset + v.codebook_size)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) linears/embedding, output projections scaled by depth; norms at 1/0."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = std
+                if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                    s = std / (2 * self.cfg.n_layers) ** 0.5
+                p.normal_(0.0, s, generator=generator)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent RoPE tables (after building on the meta device)."""
+        dev = self.embed_tokens.weight.device
+        self.rotary = Rotary(self.cfg.rope, self.cfg.head_dim, self.cfg.rope_theta).to(dev)
+
+
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    init: bool = True,
+    seed: int | None = 0,
+) -> Lumos:
+    """Build on the meta device, then materialise on `device` and init (or leave for loading)."""
+    with torch.device("meta"):
+        model = Lumos(cfg)
+    model = model.to_empty(device=device)
+    if init:
+        g = None
+        if seed is not None:
+            g = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(generator=g)
+    else:
+        model.reset_buffers()
+    return model.to(dtype)
