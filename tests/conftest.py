@@ -9,6 +9,10 @@ from lumos.config import model_preset
 from lumos.model import build_model
 from lumos.sequence import Layout
 
+# One intra-op thread: the suite runs beside Ray workers, servers and subprocesses on 2 cores,
+# where torch's spinning thread pool is up to 100x slower than a single thread.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,0 +1,126 @@
+"""The `lumos` command: serve | worker | generate | train | train-tokenizer | eval | bench.
+
+Subcommands import their modules lazily so `lumos generate` does not load Ray or FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from lumos.pipeline import Pipeline
+    from lumos.video import read_image, write_video
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".mp4", ".gif", ".png"):
+        raise SystemExit(f"lumos generate: output {out} must end in .mp4, .gif or .png")
+    pipe = Pipeline.from_folder(args.model, device=args.device, tokenizer=args.tokenizer)
+    s = pipe.settings
+    frames = 1 if out.suffix.lower() == ".png" and args.frames is None else (args.frames or s.frames)
+    if not 1 <= frames <= s.max_frames:
+        raise SystemExit(f"lumos generate: --frames must be in [1, {s.max_frames}]")
+    kw = {"steps": args.steps, "cfg": args.cfg, "seed": args.seed}
+    n_latent = 1 if frames == 1 else pipe.latent_frames(frames)
+    given = None
+    if args.image is not None:
+        if frames < 2:
+            raise SystemExit("lumos generate: --image needs --frames >= 2 and a video output")
+        img = torch.from_numpy(read_image(args.image, size=(s.height, s.width)).copy())
+        given = pipe.encode_image(img)
+        n_latent -= 1
+    bar = tqdm(total=n_latent, unit="frame", desc="generating", disable=args.quiet)
+    video_codes = pipe.generate_codes(
+        args.prompt,
+        n_latent,
+        given=given,
+        image=frames == 1,
+        rgb_frames=frames,
+        on_frame=lambda i, c: bar.update(1),
+        **kw,
+    )
+    bar.close()
+    video = pipe.decode(video_codes)[:frames]
+    write_video(out, video.numpy(), fps=s.fps)
+    print(f"wrote {out} ({video.shape[0]} frames, {s.width}x{s.height})")
+    return 0
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    import runpy
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    script = root / f"{args.name}.py"
+    if not script.is_file():
+        raise SystemExit(f"lumos bench: no benchmark {args.name!r} in {root}")
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="lumos", description="Lumos: autoregressive video generation")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="text/image to video or image")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.mp4", help=".mp4, .gif or .png")
+    g.add_argument("--frames", type=int, default=None, help="RGB frames (default: the model's)")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--cfg", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--image", default=None, help="first frame (image-to-video)")
+    g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    g.add_argument("--tokenizer", default=None, help="visual tokenizer folder (official models)")
+    g.add_argument("--device", default=None)
+    g.add_argument("-q", "--quiet", action="store_true")
+
+    for name, help_ in (
+        ("train", "train a Lumos model (AR-DF)"),
+        ("train-tokenizer", "train the built-in FSQ video tokenizer"),
+        ("eval", "evaluate a model on Moving Fashion-MNIST prompts"),
+        ("serve", "run the service (local Ray + SQLite by default)"),
+        ("worker", "join this host's GPUs to a running cluster"),
+        ("prepare-data", "build and pre-tokenise the Moving Fashion-MNIST shards"),
+    ):
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="run a benchmark from benchmarks/")
+    b.add_argument("name")
+
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "generate":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            return _generate(args)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"lumos generate: {e}") from None
+    if args.cmd == "bench":
+        return _bench(args, rest)
+    module = {
+        "train": "lumos.train",
+        "train-tokenizer": "lumos.tokenizers.train_cli",
+        "eval": "lumos.evaluate",
+        "serve": "lumos.cluster.serve",
+        "worker": "lumos.cluster.serve",
+        "prepare-data": "lumos.prepare",
+    }[args.cmd]
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"lumos {args.cmd}: not available in this build ({e.name})") from None
+    fn = getattr(mod, "worker_main" if args.cmd == "worker" else "main")
+    return int(fn(args.rest + rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""The in-worker serving engine: continuous batching of per-frame MaskGIT steps (method.md 7).
+
+Plain PyTorch (no Ray, no Redis, no HTTP). Every `step()` is ONE diffusion step of every running
+session, in ONE model forward: the current frame blocks of all sessions (conditional and
+unconditional rows) are stacked into a batch [R, B_f] that runs against the sessions' KV rows of
+different lengths (`key_mask` hides each row's padding). Then, per session and with that
+session's own step index s, steps S, temperature and generator: `combine_cfg`,
+`filter_logits`, `maskgit_step` (the same step functions, in the same order and with the same
+random draws as `VideoBatch.next_frame`, so a session's frames do not depend on its batch
+mates, and a session alone reproduces `lumos.sampler.generate` exactly). Sessions that finish
+step S-1 commit their frame with history masking in one more forward (one for all sessions
+committing in the same step) and emit a `FrameEvent`; then they start their next frame or leave.
+New sessions are admitted by the `Scheduler` at step boundaries (KV budget of the `KVPool`),
+prefilled from their prompt and `given` frames (or reuse their warm cache), and start at step 0
+while the others are mid-frame.
+
+Batch KV storage (batching=True). The running sessions' rows live in ONE persistent tensor pair
+[n_layers, rows, H_kv, C, d] (`_BatchCache`) and each step's forward runs on a view of its first
+R rows, so a step copies no cache at all. Only membership changes copy, and only the session
+concerned: joining copies the newcomer's rows in after the last row (a fresh prefill, or its
+warm cache taken from the pool, which then holds no tensor, so rows are never held twice);
+leaving copies its rows out (`select`, kept as an idle pool entry for the warm fast path) and
+fills the hole with the last session's rows (or shifts the tail down when row counts differ).
+The storage grows by doubling (rows) or to the longest session's final length (C), and is freed
+when no session runs. Commits run on a view of the committing rows (a slice when contiguous,
+else an index gather). Cost: all rows share C = the longest running session's final length,
+so the storage can exceed the sum of the pool's per-session reservations (leave headroom).
+Measured on CPU (1 thread) with the `fmnist` preset (8x8 grid, 8 sessions x 2 rows, 16-frame
+contexts): re-stacking every session's cache with `KVCache.stack` takes ~150 ms, about 45 % of
+the ~330 ms step forward, and would be paid every step; the persistent storage pays nothing per
+step and one session's rows per membership change.
+
+batching=False runs each session's step as its own forward on its own cache (the reference the
+benchmark compares against).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lumos.config import SamplerConfig
+from lumos.engine.pool import KVPool
+from lumos.engine.scheduler import Scheduler
+from lumos.kvcache import KVCache
+from lumos.masks import cache_key_mask, frame_causal_dense
+from lumos.sampler import combine_cfg, filter_logits, history_mask, maskgit_step, tau_at
+from lumos.sequence import Layout, Sequence, pad_batch
+
+
+@dataclass
+class EngineRequest:
+    """Frames to generate now for one session.
+
+    `given` holds the frames already committed (an I2V image, or the session's stored frames
+    when it is continued): the engine reuses the session's warm cache when it holds exactly
+    these, else rebuilds it by one prefill. `generator` is the session's own RNG (on the
+    model's device); None draws a seed from torch's global RNG.
+    """
+
+    session_id: str
+    text_ids: list[int] | None
+    given: Tensor | None = None  # [t0, h, w] codes
+    n_frames: int = 1
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    duration: int = 2
+    fps: int = 12
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class FrameEvent:
+    """One committed latent frame of a session (index = frame number in the session's video)."""
+
+    session_id: str
+    index: int
+    codes: Tensor  # [h, w] long, on the CPU
+    done: bool  # the last frame of this request
+
+
+# -- KV views ------------------------------------------------------------------------------------
+
+
+def _kv_view(k: Tensor, v: Tensor, lengths: list[int]) -> KVCache:
+    """A KVCache over existing tensors (writes go through to them)."""
+    out = KVCache.__new__(KVCache)
+    out.k, out.v, out.lengths = k, v, list(lengths)
+    return out
+
+
+class _RowGather:
+    """Non-contiguous rows of a KVCache as a cache the model can write through (commits)."""
+
+    def __init__(self, base: KVCache, rows: list[int]) -> None:
+        self.base = base
+        self.idx = torch.tensor(rows, device=base.k.device)  # [r]
+        self.lengths = [base.lengths[r] for r in rows]
+
+    def key_mask(self, n_new: int) -> Tensor | None:
+        if all(x == self.lengths[0] for x in self.lengths):
+            return None
+        lengths = torch.tensor(self.lengths, device=self.base.k.device)
+        return cache_key_mask(lengths, n_new, max(self.lengths) + n_new)
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v_new [r, H, L, d] at each row's length; return keys/values [r, H, T, d]."""
+        n = k_new.shape[2]
+        total = max(self.lengths) + n
+        if total > self.base.capacity:
+            raise RuntimeError("batch KV storage too small for a commit")
+        dev = k_new.device
+        cols = torch.tensor(self.lengths, device=dev).unsqueeze(1) + torch.arange(n, device=dev)
+        rows = self.idx.unsqueeze(1)  # [r, 1]
+        self.base.k[layer][rows, :, cols] = k_new.transpose(1, 2)  # [r, L, H, d]
+        self.base.v[layer][rows, :, cols] = v_new.transpose(1, 2)
+        return self.base.k[layer, self.idx, :, :total], self.base.v[layer, self.idx, :, :total]
+
+
+def _rows_of(base: KVCache, rows: list[int]):
+    """A write-through cache over `rows` of `base`: a slice view if contiguous, else a gather."""
+    a = rows[0]
+    if rows == list(range(a, a + len(rows))):
+        b = a + len(rows)
+        return _kv_view(base.k[:, a:b], base.v[:, a:b], base.lengths[a:b])
+    return _RowGather(base, rows)
+
+
+class _BatchCache:
+    """The running sessions' KV rows in one persistent storage; `view` covers the used rows."""
+
+    def __init__(self, model_cfg, max_rows: int, dtype: torch.dtype, device) -> None:
+        self.cfg, self.max_rows, self.dtype, self.device = model_cfg, max_rows, dtype, device
+        self._k: Tensor | None = None  # [n_layers, rows, H_kv, C, d]
+        self._v: Tensor | None = None
+        self.slots: dict[str, tuple[int, int]] = {}  # session id -> (first row, n rows)
+        self.view: KVCache | None = None
+
+    @property
+    def used(self) -> int:
+        return sum(n for _, n in self.slots.values())
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._k is None else 2 * self._k.numel() * self._k.element_size()
+
+    def _lengths(self) -> list[int]:
+        return [] if self.view is None else list(self.view.lengths)
+
+    def _set_view(self, lengths: list[int]) -> None:
+        r = len(lengths)
+        self.view = _kv_view(self._k[:, :r], self._v[:, :r], lengths)
+
+    def _grow(self, rows: int, capacity: int) -> None:
+        c = self.cfg
+        shape = (c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        lengths = self._lengths()
+        if lengths:
+            r, n = len(lengths), max(lengths)
+            k[:, :r, :, :n] = self._k[:, :r, :, :n]
+            v[:, :r, :, :n] = self._v[:, :r, :, :n]
+        self._k, self._v = k, v
+        if lengths:
+            self._set_view(lengths)
+
+    def attach(self, session_id: str, cache: KVCache, capacity: int) -> None:
+        """Copy a session's rows in after the last row (room for `capacity` tokens per row)."""
+        n, used = cache.batch, self.used
+        rows = 0 if self._k is None else self._k.shape[1]
+        cap = 0 if self._k is None else self._k.shape[3]
+        if used + n > rows or capacity > cap:
+            if used + n > rows:
+                rows = max(used + n, min(2 * rows, self.max_rows))
+            self._grow(rows, max(capacity, cap))
+        m = max(cache.lengths)
+        self._k[:, used : used + n, :, :m] = cache.k[:, :, :, :m]
+        self._v[:, used : used + n, :, :m] = cache.v[:, :, :, :m]
+        self.slots[session_id] = (used, n)
+        self._set_view(self._lengths() + list(cache.lengths))
+
+    def detach(self, session_id: str) -> KVCache:
+        """Copy a session's rows out (trimmed) and close the hole it leaves."""
+        a, n = self.slots.pop(session_id)
+        out = self.view.select(list(range(a, a + n)))
+        lengths, used = self._lengths(), len(self._lengths())
+        if a + n < used:
+            last = max(self.slots, key=lambda s: self.slots[s][0])
+            b, m = self.slots[last]
+            if m == n:  # move the last session into the hole
+                t = max(lengths[b : b + m])
+                self._k[:, a : a + n, :, :t] = self._k[:, b : b + m, :, :t]
+                self._v[:, a : a + n, :, :t] = self._v[:, b : b + m, :, :t]
+                lengths[a : a + n] = lengths[b : b + m]
+                self.slots[last] = (a, m)
+            else:  # shift the tail down
+                t = max(lengths[a + n : used])
+                self._k[:, a : used - n, :, :t] = self._k[:, a + n : used, :, :t].clone()
+                self._v[:, a : used - n, :, :t] = self._v[:, a + n : used, :, :t].clone()
+                lengths[a : used - n] = lengths[a + n : used]
+                for s, (b, m) in self.slots.items():
+                    if b > a:
+                        self.slots[s] = (b - n, m)
+        lengths = lengths[: used - n]
+        if not self.slots:
+            self._k = self._v = self.view = None  # free the storage while idle
+        else:
+            self._set_view(lengths)
+        return out
+
+
+# -- sessions -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    """Decoding state of one running session."""
+
+    req: EngineRequest
+    generator: torch.Generator
+    has_uncond: bool
+    p0: list[int]  # per row (cond, uncond)
+    lengths: list[int]  # committed tokens per row
+    need: int  # tokens per row at the end of the request (cache capacity)
+    frames: list[Tensor]  # committed codes [h, w] (given + generated), CPU
+    cache: KVCache | None = None  # own cache (batching=False)
+    k: int = 0  # latent frame number being decoded
+    produced: int = 0
+    s: int = 0  # diffusion step within the frame
+    tau_state: float = 1.0  # reference_compat: compounding temperature, never reset
+    codes: Tensor | None = None  # [1, N]
+    known: Tensor | None = None  # [1, N] bool
+    block_tokens: Tensor | None = None  # [B_f] the MASK block
+    block_pos: Tensor | None = None  # [rows, 3, B_f]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.p0)
+
+    @property
+    def sid(self) -> str:
+        return self.req.session_id
+
+
+def _frames_digest(frames: Tensor) -> str:
+    """A short fingerprint of committed codes [t, h, w]."""
+    data = frames.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()
+
+
+class Engine:
+    """Continuous-batching engine of one worker: one model, many sessions, one forward a step."""
+
+    def __init__(
+        self,
+        model,
+        layout: Layout,
+        max_batch: int = 8,
+        kv_budget_bytes: int | None = None,
+        batching: bool = True,
+    ) -> None:
+        param = next(model.parameters())
+        self.model, self.layout, self.batching = model, layout, batching
+        self.device, self.dtype = param.device, param.dtype
+        self.pool = KVPool(kv_budget_bytes, self.device)
+        self.scheduler = Scheduler(max_batch, self.pool)
+        self._batch = _BatchCache(model.cfg, 2 * max_batch, self.dtype, self.device)
+        self._requests: dict[str, EngineRequest] = {}
+        self._live: dict[str, _Session] = {}
+        self._code_offsets = layout.code_offsets.to(self.device)  # [N]
+        self._hmasks: dict[float, Tensor] = {}
+        # debug hook: on_logits(session_id, frame index, step, per-row logits [rows, N, V])
+        self.on_logits: Callable[[str, int, int, Tensor], None] | None = None
+        self.steps_run = 0
+        self.forwards_run = 0
+        self.frames_emitted = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _prefixes(self, req: EngineRequest) -> list[Sequence]:
+        texts = [req.text_ids] + ([None] if req.sampler.cfg != 1.0 else [])
+        return [self.layout.prefix(t, req.duration, req.fps) for t in texts]
+
+    def _need(self, req: EngineRequest, prefixes: list[Sequence]) -> int:
+        t0 = 0 if req.given is None else req.given.shape[0]
+        return max(len(p) for p in prefixes) + (t0 + req.n_frames) * self.layout.block_len
+
+    def request_bytes(self, req: EngineRequest) -> int:
+        """KV bytes the session holds at the end of the request (what admission reserves)."""
+        c = self.model.cfg
+        prefixes = self._prefixes(req)
+        per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.dtype.itemsize
+        return len(prefixes) * self._need(req, prefixes) * per_token
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request; it joins the running batch at a step boundary when admitted."""
+        lay = self.layout
+        if request.n_frames < 1:
+            raise ValueError(f"n_frames must be >= 1, got {request.n_frames}")
+        g = request.given
+        if g is not None:
+            if g.dim() != 3 or tuple(g.shape[1:]) != (lay.h, lay.w):
+                raise ValueError(f"given must be [t0, {lay.h}, {lay.w}], got {tuple(g.shape)}")
+            if (
+                g.is_floating_point()
+                or g.numel()
+                and not ((g >= 0) & (g < lay.vocab.codebook_size)).all()
+            ):
+                raise ValueError("given must hold integer codes in [0, codebook_size)")
+        nbytes = self.request_bytes(request)  # validates text ids, duration and fps
+        self.scheduler.add(request.session_id, nbytes)
+        self._requests[request.session_id] = request
+
+    def cancel(self, session_id: str) -> bool:
+        """Remove a session between steps (its committed frames stay in its cache)."""
+        if session_id in self._live:
+            self._leave(self._live[session_id], cancelled=True)
+            return True
+        self._requests.pop(session_id, None)
+        return self.scheduler.cancel(session_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- session life -----------------------------------------------------------------------------
+    def _hmask(self, ratio: float) -> Tensor:
+        if ratio not in self._hmasks:
+            self._hmasks[ratio] = history_mask(self.layout.content_len, ratio)
+        return self._hmasks[ratio]
+
+    def _key(self, req: EngineRequest, n_rows: int, frames: Tensor | None) -> tuple:
+        """What a session's cache holds: prompt, settings and the committed frames."""
+        text = None if req.text_ids is None else tuple(req.text_ids)
+        t = 0 if frames is None else frames.shape[0]
+        digest = _frames_digest(frames) if t else ""
+        ratio = req.sampler.history_mask_ratio
+        return (text, req.duration, req.fps, n_rows, ratio, t, digest)
+
+    def _mask_history(self, frames: Sequence, ratio: float) -> Sequence:
+        """Frame blocks with the history-mask slots of their content replaced by MASK."""
+        lay = self.layout
+        toks = frames.tokens.clone().view(-1, lay.block_len)  # [n, B_f]
+        content = toks[:, 3 : 3 + lay.content_len]
+        content[:, self._hmask(ratio)] = lay.vocab.mask
+        return Sequence(
+            tokens=toks.view(-1),
+            kind=frames.kind,
+            index=frames.index,
+            pos3=frames.pos3,
+            frame=frames.frame,
+            is_code=frames.is_code,
+            spans=frames.spans,
+        )
+
+    def _prefill(self, rows: list[Sequence], capacity: int) -> KVCache:
+        """One padded, frame-causal forward of every row's prefix + history into a new cache."""
+        cache = KVCache.for_model(self.model.cfg, len(rows), capacity, self.dtype, self.device)
+        b = pad_batch(rows, self.model.cfg.rope, self.layout.vocab.pad)
+        mask = frame_causal_dense(b["frame"], b["valid"]).to(self.device)
+        self.model(
+            b["tokens"].to(self.device),
+            b["positions"].to(self.device),
+            mask,
+            cache,
+            output="hidden",
+        )
+        cache.advance([len(s) for s in rows])
+        self.forwards_run += 1
+        return cache
+
+    def _start(self, session_id: str) -> None:
+        """An admitted session: reuse its warm cache or prefill, then begin its first frame."""
+        req, lay = self._requests[session_id], self.layout
+        given = None if req.given is None else req.given.detach().to("cpu", torch.long)
+        t0 = 0 if given is None else given.shape[0]
+        prefixes = self._prefixes(req)
+        p0 = [Layout.p0(len(p)) for p in prefixes]
+        lengths = [len(p) + t0 * lay.block_len for p in prefixes]
+        need = self._need(req, prefixes)
+        key = self._key(req, len(prefixes), given)
+        cache = self.pool.get(session_id, key)
+        if cache is None or cache.lengths != lengths:
+            ratio = req.sampler.history_mask_ratio
+            rows = []
+            for pre, q in zip(prefixes, p0):
+                seq = pre
+                if t0:
+                    seq = pre + self._mask_history(lay.frames(given, t0, 0, len(pre), q), ratio)
+                rows.append(seq)
+            cache = self._prefill(rows, need)
+            if t0:
+                self.pool.stats.rebuilds += 1
+        self.pool.take(session_id)  # the pool entry keeps the reservation, no stale tensor
+        gen = req.generator
+        if gen is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        sess = _Session(
+            req=req,
+            generator=gen,
+            has_uncond=len(prefixes) == 2,
+            p0=p0,
+            lengths=lengths,
+            need=need,
+            frames=[] if given is None else list(given.unbind(0)),
+            k=t0,
+            tau_state=req.sampler.tau0,
+        )
+        if self.batching:
+            self._batch.attach(session_id, cache, need)
+        else:
+            if cache.capacity < need:
+                cache = KVCache.stack([cache], extra=need - max(cache.lengths))
+            sess.cache = cache
+            self.pool.put(session_id, cache)
+        self._live[session_id] = sess
+        self._begin_frame(sess)
+
+    def _begin_frame(self, sess: _Session) -> None:
+        """The all-MASK block of the session's next frame, at each row's length and p0."""
+        lay, rope = self.layout, self.model.cfg.rope
+        blocks = [lay.frame_block(sess.k, n, q) for n, q in zip(sess.lengths, sess.p0)]
+        sess.block_tokens = blocks[0].tokens.to(self.device)  # [B_f]
+        sess.block_pos = torch.stack([b.positions(rope) for b in blocks]).to(self.device)
+        sess.codes = torch.zeros(1, lay.n_codes, dtype=torch.long, device=self.device)
+        sess.known = torch.zeros(1, lay.n_codes, dtype=torch.bool, device=self.device)
+        sess.s = 0
+
+    def _leave(self, sess: _Session, cancelled: bool = False) -> None:
+        """Take the session's rows out of the batch; they stay in the pool as an idle cache."""
+        sid = sess.sid
+        cache = self._batch.detach(sid) if self.batching else sess.cache
+        frames = torch.stack(sess.frames) if sess.frames else None
+        self.pool.put(sid, cache, self._key(sess.req, sess.n_rows, frames))
+        if cancelled:
+            self.scheduler.cancel(sid)
+        else:
+            self.scheduler.finish(sid)
+        del self._live[sid]
+        del self._requests[sid]
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _step_tokens(self, sess: _Session, codes: Tensor, known: Tensor) -> Tensor:
+        """[rows, B_f] block tokens with the known codes filled in."""
+        vocab = self.layout.vocab
+        ids = torch.where(known, vocab.visual(codes), torch.full_like(codes, vocab.mask))  # [1, N]
+        toks = sess.block_tokens.unsqueeze(0).repeat(sess.n_rows, 1)  # [rows, B_f]
+        toks[:, self._code_offsets] = ids.expand(sess.n_rows, -1)
+        return toks
+
+    def _logits(self, toks: Tensor, pos: Tensor, cache) -> Tensor:
+        """One forward of blocks [R, B_f] against a cache -> visual logits [R, N, V] (float)."""
+        hidden = self.model(
+            toks, pos, cache.key_mask(self.layout.block_len), cache, output="hidden"
+        )  # [R, B_f, D]
+        self.forwards_run += 1
+        h = hidden[:, self._code_offsets]  # [R, N, D]
+        return self.model.project(h, self.model.visual_rows()).float()
+
+    def _decode(self, sess: _Session, logits: Tensor) -> None:
+        """One MaskGIT step of one session from its rows' logits [rows, N, V]."""
+        cfg = sess.req.sampler
+        if self.on_logits is not None:
+            self.on_logits(sess.sid, sess.k, sess.s, logits)
+        guided = combine_cfg(logits, 1, cfg.cfg, sess.has_uncond)  # [1, N, V]
+        guided = filter_logits(guided, cfg.top_k, cfg.top_p)
+        if cfg.reference_compat:
+            sess.tau_state *= 1.0 - (sess.s + 1) / cfg.steps
+            tau = sess.tau_state
+        else:
+            tau = tau_at(cfg, sess.s)
+        sess.codes, sess.known = maskgit_step(
+            sess.codes, sess.known, guided, sess.s, cfg.steps, tau, [sess.generator]
+        )
+        sess.s += 1
+
+    def _commit_tokens(self, sess: _Session) -> Tensor:
+        """[rows, B_f] the finished block with its history-mask slots replaced by MASK."""
+        lay = self.layout
+        toks = self._step_tokens(sess, sess.codes, torch.ones_like(sess.known))
+        hm = self._hmask(sess.req.sampler.history_mask_ratio).to(self.device)
+        content = toks[:, 3 : 3 + lay.content_len]
+        content[:, hm] = lay.vocab.mask
+        return toks
+
+    def _commit(self, done: list[_Session]) -> list[FrameEvent]:
+        """Enter finished frames into the caches (one forward for all) and emit them."""
+        bl = self.layout.block_len
+        toks = torch.cat([self._commit_tokens(s) for s in done])  # [r, B_f]
+        pos = torch.cat([s.block_pos for s in done])  # [r, 3, B_f]
+        if self.batching:
+            view = self._batch.view
+            rows = []
+            for s in done:
+                a, n = self._batch.slots[s.sid]
+                rows += list(range(a, a + n))
+            order = sorted(range(len(rows)), key=rows.__getitem__)
+            rows = [rows[i] for i in order]
+            sub = _rows_of(view, rows)
+            self.model(toks[order], pos[order], sub.key_mask(bl), sub, output="hidden")
+            self.forwards_run += 1
+            rowset = set(rows)
+            view.advance([bl if r in rowset else 0 for r in range(view.batch)])
+        else:
+            for s, t, p in zip(
+                done, toks.split([s.n_rows for s in done]), pos.split([s.n_rows for s in done])
+            ):
+                self.model(t, p, s.cache.key_mask(bl), s.cache, output="hidden")
+                self.forwards_run += 1
+                s.cache.advance(bl)
+        events = []
+        for s in done:
+            s.lengths = [n + bl for n in s.lengths]
+            codes = s.codes.view(self.layout.h, self.layout.w).cpu().clone()
+            s.frames.append(codes)
+            s.produced += 1
+            finished = s.produced == s.req.n_frames
+            events.append(FrameEvent(s.sid, s.k, codes, finished))
+            s.k += 1
+            if finished:
+                self._leave(s)
+            else:
+                self._begin_frame(s)
+        self.frames_emitted += len(events)
+        return events
+
+    @torch.no_grad()
+    def step(self) -> list[FrameEvent]:
+        """One diffusion step of every running session (admitting waiting ones first)."""
+        ids = self.scheduler.schedule()
+        for sid in self.scheduler.admitted:
+            self._start(sid)
+        if not ids:
+            if self.scheduler.waiting:  # cannot happen: add() rejects requests over budget
+                raise RuntimeError("waiting sessions cannot be admitted with nothing running")
+            return []
+        sessions = [self._live[sid] for sid in ids]
+        if self.batching:
+            view = self._batch.view
+            r, bl = view.batch, self.layout.block_len
+            toks = torch.empty(r, bl, dtype=torch.long, device=self.device)  # [R, B_f]
+            pos = torch.empty(r, 3, bl, dtype=torch.long, device=self.device)  # [R, 3, B_f]
+            for s in sessions:
+                a, n = self._batch.slots[s.sid]
+                toks[a : a + n] = self._step_tokens(s, s.codes, s.known)
+                pos[a : a + n] = s.block_pos
+            logits = self._logits(toks, pos, view)  # [R, N, V]
+            for s in sessions:
+                a, n = self._batch.slots[s.sid]
+                self._decode(s, logits[a : a + n])
+        else:
+            for s in sessions:
+                toks = self._step_tokens(s, s.codes, s.known)
+                self._decode(s, self._logits(toks, s.block_pos, s.cache))
+        self.steps_run += 1
+        done = [s for s in sessions if s.s == s.req.sampler.steps]
+        return self._commit(done) if done else []
+
+    def run_until_idle(self, max_steps: int | None = None) -> list[FrameEvent]:
+        """Step until no session waits or runs; returns every event in order."""
+        events: list[FrameEvent] = []
+        n = 0
+        while self.has_work and (max_steps is None or n < max_steps):
+            events += self.step()
+            n += 1
+        return events
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_bytes": self.pool.bytes_used,
+            "kv_budget_bytes": self.pool.budget_bytes,
+            "batch_kv_bytes": self._batch.nbytes,
+            "steps": self.steps_run,
+            "forwards": self.forwards_run,
+            "frames": self.frames_emitted,
+            "pool": self.pool.snapshot(),
+        }

@@ -1,0 +1,209 @@
+"""A generation pipeline loaded from a folder: model + visual tokenizer + text tokenizer.
+
+Folder layouts:
+- ours (the bundled model, `lumos train` outputs): `pipeline.json`, `model/` (config.json +
+  model.safetensors), `tokenizer/` (our FSQ video tokenizer) and `text_tokenizer.json`;
+- official: a Chameleon-format checkpoint folder (config.json + *.safetensors +
+  text_tokenizer.json) and a Cosmos-Tokenizer-DV4x8x8 folder (inside it, beside it, or given).
+
+Calls: text_to_image, text_to_video, image_to_video and extend (continue a video), each with
+frames (RGB), steps, cfg and seed; `on_frame` receives every latent frame as it is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lumos.checkpoint import load_model, read_config
+from lumos.config import SamplerConfig
+from lumos.sampler import VideoRequest, generate
+from lumos.sequence import Layout, prompt_text
+from lumos.tokenizers import TextTokenizer, VisualTokenizer, load_visual_tokenizer
+
+BUNDLED = Path(__file__).parent / "assets" / "fmnist"
+COSMOS_DIR = "Cosmos-Tokenizer-DV4x8x8"
+
+
+@dataclass
+class PipelineSettings:
+    """Defaults of one model folder (pipeline.json)."""
+
+    height: int = 64  # pixels
+    width: int = 64
+    frames: int = 16  # RGB frames of a default video
+    fps: int = 8
+    steps: int = 50
+    cfg_video: float = 15.0
+    cfg_image: float = 16.0
+    template: bool = False  # wrap captions in the official text template
+    max_frames: int = 64
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PipelineSettings:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Pipeline:
+    """Model, tokenizers and layout of one folder, with the four generation calls."""
+
+    def __init__(
+        self,
+        model,
+        visual: VisualTokenizer,
+        text: TextTokenizer,
+        settings: PipelineSettings,
+    ) -> None:
+        self.model, self.visual, self.text, self.settings = model, visual, text, settings
+        self.vocab = model.cfg.vocab_spec
+        s = visual.spatial
+        if settings.height % s or settings.width % s:
+            raise ValueError(f"resolution must be a multiple of the tokenizer's {s}x compression")
+        self.layout = Layout(self.vocab, settings.height // s, settings.width // s, model.cfg.rope_scales)
+        self.device = next(model.parameters()).device
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path | None = None,
+        device: str | None = None,
+        tokenizer: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Pipeline:
+        """Load ours (default: the bundled model) or an official checkpoint folder."""
+        if str(folder) == "random":
+            return cls.random(device=device or "cpu")
+        folder = Path(folder) if folder is not None else BUNDLED
+        if not folder.is_dir():
+            hint = " (the bundled model is missing: see docs/MODEL_CARD.md)" if folder == BUNDLED else ""
+            raise FileNotFoundError(f"model folder {folder} does not exist{hint}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if (folder / "pipeline.json").is_file():
+            settings = PipelineSettings.from_dict(json.loads((folder / "pipeline.json").read_text()))
+            model, _ = load_model(folder / "model", device=device, dtype=dtype)
+            visual = load_visual_tokenizer(tokenizer or folder / "tokenizer")
+            text = TextTokenizer.from_file(folder / "text_tokenizer.json")
+            return cls(model, visual, text, settings)
+        read_config(folder)  # official: a clear error if config.json is absent
+        tok_dir = Path(tokenizer) if tokenizer else _find_cosmos(folder)
+        text_file = folder / "text_tokenizer.json"
+        if not text_file.is_file():
+            raise FileNotFoundError(f"no text_tokenizer.json in {folder}")
+        model, _ = load_model(folder, device=device, dtype=dtype)
+        settings = PipelineSettings(
+            height=256, width=448, frames=25, fps=12, template=True, max_frames=121
+        )
+        return cls(model, load_visual_tokenizer(tok_dir), TextTokenizer.from_file(text_file), settings)
+
+    @classmethod
+    def random(cls, preset: str = "fmnist", device: str = "cpu", seed: int = 0) -> Pipeline:
+        """Random weights and an untrained tokenizer: a smoke test of the whole path, no model."""
+        from lumos.config import model_preset
+        from lumos.data import build_caption, eval_prompts
+        from lumos.model import build_model
+        from lumos.tokenizers import FSQVideoTokenizer, train_bpe
+
+        torch.manual_seed(seed)
+        model = build_model(model_preset(preset), device=device, seed=seed).eval()
+        visual = FSQVideoTokenizer("fmnist64").eval()
+        caps = [build_caption(specs) for _, specs in eval_prompts("seen")]
+        text = train_bpe(caps, 300)
+        return cls(model, visual, text, PipelineSettings(steps=8))
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def text_ids(self, prompt: str | None, n_frames: int, fps: int) -> list[int] | None:
+        if prompt is None:
+            return None
+        s = self.settings
+        text = prompt_text(prompt, s.width, s.height, n_frames, fps) if s.template else prompt
+        ids = self.text.encode(text)
+        bad = [i for i in ids if not 0 <= i < self.vocab.n_text]
+        if bad:
+            raise ValueError(f"text tokenizer produced ids outside the model's text range: {bad[:4]}")
+        return ids
+
+    def _sampler(self, steps: int | None, cfg: float | None, image: bool) -> SamplerConfig:
+        s = self.settings
+        g = cfg if cfg is not None else (s.cfg_image if image else s.cfg_video)
+        return SamplerConfig(steps=steps or s.steps, cfg=g)
+
+    def latent_frames(self, rgb_frames: int) -> int:
+        if not 1 <= rgb_frames <= self.settings.max_frames:
+            raise ValueError(f"frames must be in [1, {self.settings.max_frames}], got {rgb_frames}")
+        return self.visual.latent_frames(rgb_frames)
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """uint8 [H, W, 3] (resized to the model's resolution by the caller) -> codes [1, h, w]."""
+        s = self.settings
+        if tuple(image.shape) != (s.height, s.width, 3):
+            raise ValueError(f"image must be [{s.height}, {s.width}, 3] uint8, got {tuple(image.shape)}")
+        return self.visual.encode(image.unsqueeze(0))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes [t, h, w] -> uint8 video [T, H, W, 3]."""
+        return self.visual.decode(codes.cpu())
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_codes(
+        self,
+        prompt: str | None,
+        n_latent: int,
+        given: Tensor | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int = 0,
+        image: bool = False,
+        rgb_frames: int | None = None,
+        on_frame: Callable[[int, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Latent codes [t0 + n_latent, h, w] (t0 = given frames)."""
+        s = self.settings
+        fps, duration = (1, 1) if image else (s.fps, max(1, round((rgb_frames or s.frames) / s.fps)))
+        text = self.text_ids(prompt, rgb_frames or s.frames, fps)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        req = VideoRequest(text, n_latent, given=given, duration=duration, fps=fps, generator=g)
+        sc = self._sampler(steps, cfg, image)
+        return generate(self.model, self.layout, [req], sc, on_frame=on_frame)[0]
+
+    def text_to_image(self, prompt: str, **kw) -> Tensor:
+        """uint8 [1, H, W, 3]."""
+        return self.decode(self.generate_codes(prompt, 1, image=True, rgb_frames=1, **kw))
+
+    def text_to_video(self, prompt: str, frames: int | None = None, **kw) -> Tensor:
+        """uint8 [T, H, W, 3] with T = frames (rounded up to the tokenizer's temporal step)."""
+        frames = frames or self.settings.frames
+        codes = self.generate_codes(prompt, self.latent_frames(frames), rgb_frames=frames, **kw)
+        return self.decode(codes)[:frames]
+
+    def image_to_video(self, image: Tensor, prompt: str, frames: int | None = None, **kw) -> Tensor:
+        """The given image is frame 0; uint8 [T, H, W, 3]."""
+        frames = frames or self.settings.frames
+        first = self.encode_image(image)
+        n = self.latent_frames(frames) - 1
+        return self.decode(self.generate_codes(prompt, n, given=first, rgb_frames=frames, **kw))
+
+    def extend(self, codes: Tensor, prompt: str | None, frames: int, **kw) -> Tensor:
+        """Continue a video given by its codes [t, h, w] by `frames` RGB frames -> all codes."""
+        n = max(1, -(-frames // self.visual.temporal))
+        total = self.visual.rgb_frames(codes.shape[0] + n)
+        return self.generate_codes(prompt, n, given=codes, rgb_frames=total, **kw)
+
+
+def _find_cosmos(folder: Path) -> Path:
+    for cand in (folder / COSMOS_DIR, folder.parent / COSMOS_DIR):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"no {COSMOS_DIR} folder in or beside {folder}; pass the tokenizer folder explicitly"
+    )
