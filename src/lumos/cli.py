@@ -22,7 +22,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"lumos generate: output {out} must end in .mp4, .gif or .png")
     pipe = Pipeline.from_folder(args.model, device=args.device, tokenizer=args.tokenizer)
     s = pipe.settings
-    frames = 1 if out.suffix.lower() == ".png" and args.frames is None else (args.frames or s.frames)
+    if args.frames is not None:
+        frames = args.frames
+    else:
+        frames = 1 if out.suffix.lower() == ".png" else s.frames
     if not 1 <= frames <= s.max_frames:
         raise SystemExit(f"lumos generate: --frames must be in [1, {s.max_frames}]")
     kw = {"steps": args.steps, "cfg": args.cfg, "seed": args.seed}
@@ -103,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos generate: {e}") from None
     if args.cmd == "bench":
-        return _bench(args, rest)
+        return _bench(args, argv[argv.index(args.name) + 1 :])
     module = {
         "train": "lumos.train",
-        "train-tokenizer": "lumos.tokenizers.train_cli",
+        "train-tokenizer": "lumos.prepare",
         "eval": "lumos.evaluate",
         "serve": "lumos.cluster.serve",
         "worker": "lumos.cluster.serve",
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise SystemExit(f"lumos {args.cmd}: not available in this build ({e.name})") from None
-    fn = getattr(mod, "worker_main" if args.cmd == "worker" else "main")
-    return int(fn(args.rest + rest) or 0)
+    entry = {"worker": "worker_main", "train-tokenizer": "tokenizer_main"}.get(args.cmd, "main")
+    fn = getattr(mod, entry)
+    return int(fn(argv[argv.index(args.cmd) + 1 :]) or 0)  # the words after the subcommand
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class ModelConfig:
         return vocab_spec(self.vocab)
 
     def replace(self, **changes: object) -> ModelConfig:
+        if "vocab" in changes and "vocab_size" not in changes:
+            changes["vocab_size"] = 0  # follow the new vocabulary's size
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -133,7 +135,7 @@ def model_preset(name: str, **overrides: object) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     cfg = MODEL_PRESETS[name]
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    return cfg.replace(**overrides) if overrides else cfg
 
 
 @dataclass(frozen=True)

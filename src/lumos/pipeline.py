@@ -66,7 +66,9 @@ class Pipeline:
         s = visual.spatial
         if settings.height % s or settings.width % s:
             raise ValueError(f"resolution must be a multiple of the tokenizer's {s}x compression")
-        self.layout = Layout(self.vocab, settings.height // s, settings.width // s, model.cfg.rope_scales)
+        self.layout = Layout(
+            self.vocab, settings.height // s, settings.width // s, model.cfg.rope_scales
+        )
         self.device = next(model.parameters()).device
 
     # -- loading ----------------------------------------------------------------------------------
@@ -79,17 +81,24 @@ class Pipeline:
         dtype: torch.dtype | None = None,
     ) -> Pipeline:
         """Load ours (default: the bundled model) or an official checkpoint folder."""
-        if str(folder) == "random":
-            return cls.random(device=device or "cpu")
+        if str(folder).startswith("random"):  # "random" or "random:<model preset>"
+            preset = str(folder).partition(":")[2] or "fmnist"
+            return cls.random(preset, device=device or "cpu")
         folder = Path(folder) if folder is not None else BUNDLED
         if not folder.is_dir():
-            hint = " (the bundled model is missing: see docs/MODEL_CARD.md)" if folder == BUNDLED else ""
+            hint = (
+                " (the bundled model is missing: see docs/MODEL_CARD.md)"
+                if folder == BUNDLED
+                else ""
+            )
             raise FileNotFoundError(f"model folder {folder} does not exist{hint}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         if (folder / "pipeline.json").is_file():
-            settings = PipelineSettings.from_dict(json.loads((folder / "pipeline.json").read_text()))
+            settings = PipelineSettings.from_dict(
+                json.loads((folder / "pipeline.json").read_text())
+            )
             model, _ = load_model(folder / "model", device=device, dtype=dtype)
             visual = load_visual_tokenizer(tokenizer or folder / "tokenizer")
             text = TextTokenizer.from_file(folder / "text_tokenizer.json")
@@ -103,7 +112,9 @@ class Pipeline:
         settings = PipelineSettings(
             height=256, width=448, frames=25, fps=12, template=True, max_frames=121
         )
-        return cls(model, load_visual_tokenizer(tok_dir), TextTokenizer.from_file(text_file), settings)
+        return cls(
+            model, load_visual_tokenizer(tok_dir), TextTokenizer.from_file(text_file), settings
+        )
 
     @classmethod
     def random(cls, preset: str = "fmnist", device: str = "cpu", seed: int = 0) -> Pipeline:
@@ -114,8 +125,9 @@ class Pipeline:
         from lumos.tokenizers import FSQVideoTokenizer, train_bpe
 
         torch.manual_seed(seed)
-        model = build_model(model_preset(preset), device=device, seed=seed).eval()
         visual = FSQVideoTokenizer("fmnist64").eval()
+        vocab = f"compact:320:{visual.codebook_size}"
+        model = build_model(model_preset(preset, vocab=vocab), device=device, seed=seed).eval()
         caps = [build_caption(specs) for _, specs in eval_prompts("seen")]
         text = train_bpe(caps, 300)
         return cls(model, visual, text, PipelineSettings(steps=8))
@@ -129,7 +141,9 @@ class Pipeline:
         ids = self.text.encode(text)
         bad = [i for i in ids if not 0 <= i < self.vocab.n_text]
         if bad:
-            raise ValueError(f"text tokenizer produced ids outside the model's text range: {bad[:4]}")
+            raise ValueError(
+                f"text tokenizer produced ids outside the model's text range: {bad[:4]}"
+            )
         return ids
 
     def _sampler(self, steps: int | None, cfg: float | None, image: bool) -> SamplerConfig:
@@ -146,7 +160,9 @@ class Pipeline:
         """uint8 [H, W, 3] (resized to the model's resolution by the caller) -> codes [1, h, w]."""
         s = self.settings
         if tuple(image.shape) != (s.height, s.width, 3):
-            raise ValueError(f"image must be [{s.height}, {s.width}, 3] uint8, got {tuple(image.shape)}")
+            raise ValueError(
+                f"image must be [{s.height}, {s.width}, 3] uint8, got {tuple(image.shape)}"
+            )
         return self.visual.encode(image.unsqueeze(0))
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -169,7 +185,9 @@ class Pipeline:
     ) -> Tensor:
         """Latent codes [t0 + n_latent, h, w] (t0 = given frames)."""
         s = self.settings
-        fps, duration = (1, 1) if image else (s.fps, max(1, round((rgb_frames or s.frames) / s.fps)))
+        fps, duration = (
+            (1, 1) if image else (s.fps, max(1, round((rgb_frames or s.frames) / s.fps)))
+        )
         text = self.text_ids(prompt, rgb_frames or s.frames, fps)
         g = torch.Generator(device=self.device).manual_seed(seed)
         req = VideoRequest(text, n_latent, given=given, duration=duration, fps=fps, generator=g)

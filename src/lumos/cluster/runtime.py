@@ -1,0 +1,211 @@
+"""Cluster runtime: the serving config, Ray start/connect, actor names and worker discovery.
+
+Orleans terms (system.md): the Ray cluster is the silo; workers are GPU-pinned grains named
+"worker-<host>-<i>" in the namespace; sessions are grains named "session:<id>". Everything that
+both the API process and the actors need (names, seeds, the list of errors that mean "that actor
+is gone") lives here, and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.exceptions
+
+WORKER_PREFIX = "worker-"
+SESSION_PREFIX = "session:"
+
+# Errors that mean "the actor (or the object it was producing) is gone": retry elsewhere.
+ACTOR_GONE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    getattr(ray.exceptions, name)
+    for name in (
+        "RayActorError",  # ActorDiedError, ActorUnavailableError are subclasses
+        "ObjectLostError",  # OwnerDiedError, ObjectReconstructionFailed* are subclasses
+        "WorkerCrashedError",
+        "NodeDiedError",
+    )
+    if hasattr(ray.exceptions, name)
+)
+
+
+@dataclass
+class Limits:
+    """Request limits checked by the client (ValueError with a clear message when exceeded)."""
+
+    max_prompt_chars: int = 500
+    max_frames_per_request: int = 64  # latent frames (= stored frame records) per call
+    max_frames_per_session: int = 256
+    max_sessions: int = 32  # sessions generating at once, over all workers (soft limit)
+    max_image_bytes: int = 4 << 20
+    steps: tuple[int, int] = (1, 100)
+    cfg: tuple[float, float] = (0.0, 30.0)
+
+
+@dataclass
+class ServeConfig:
+    """Everything `lumos serve` (and `LumosClient.start`) needs.
+
+    ray_address None starts a local Ray (random ports, never 6379); store_url is a sqlite:/// or
+    redis:// URL (relative SQLite paths are resolved against the working directory of the process
+    that builds the config); model None is the bundled model. workers local worker actors are
+    started when none is registered; worker_resources None means {"num_gpus": 1} when Ray sees a
+    GPU, else {"num_cpus": 1}.
+    """
+
+    ray_address: str | None = None
+    namespace: str = "lumos"
+    store_url: str = "sqlite:///.lumos/lumos.db"
+    model: str | None = None
+    workers: int = 1
+    worker_resources: dict[str, float] | None = None
+    max_batch: int = 8
+    kv_budget_bytes: int | None = None
+    session_idle_s: float = 300.0
+    limits: Limits = field(default_factory=Limits)
+    host: str = "127.0.0.1"  # the API's bind address (used by `lumos serve`)
+    port: int = 8000
+    ray_init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra ray.init options
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.session_idle_s <= 0:
+            raise ValueError(f"session_idle_s must be > 0, got {self.session_idle_s}")
+        if isinstance(self.limits, dict):
+            self.limits = Limits(**self.limits)
+        self.store_url = resolve_store_url(self.store_url)
+
+    # flat read access to the limits (cfg.max_prompt_chars == cfg.limits.max_prompt_chars)
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.limits.max_prompt_chars
+
+    @property
+    def max_frames_per_request(self) -> int:
+        return self.limits.max_frames_per_request
+
+    @property
+    def max_frames_per_session(self) -> int:
+        return self.limits.max_frames_per_session
+
+    @property
+    def max_sessions(self) -> int:
+        return self.limits.max_sessions
+
+    @property
+    def max_image_bytes(self) -> int:
+        return self.limits.max_image_bytes
+
+    def resources(self) -> dict[str, float]:
+        """Ray resources of one worker actor."""
+        if self.worker_resources is not None:
+            return dict(self.worker_resources)
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        return {"num_gpus": 1} if gpus > 0 else {"num_cpus": 1}
+
+
+def resolve_store_url(url: str) -> str:
+    """Make a relative sqlite:/// path absolute (actors run in other working directories)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        path = url[len(prefix) :]
+        if path and path != ":memory:":
+            return prefix + os.path.abspath(path)
+    return url
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+
+
+def connect(cfg: ServeConfig) -> bool:
+    """Connect to cfg.ray_address, or start a local Ray; True if this call started Ray.
+
+    An already initialised Ray (e.g. a test's) is reused as is.
+    """
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"namespace": cfg.namespace, "include_dashboard": False}
+    kwargs.update(cfg.ray_init_kwargs)
+    if cfg.ray_address:
+        kwargs.pop("include_dashboard", None)
+        ray.init(address=cfg.ray_address, **kwargs)
+        return False
+    # a new local instance: GCS and every other port are chosen at random (port 0)
+    os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    ray.init(**kwargs)
+    return True
+
+
+def hostname() -> str:
+    return socket.gethostname().split(".")[0] or "local"
+
+
+def worker_name(index: int, host: str | None = None) -> str:
+    return f"{WORKER_PREFIX}{host or hostname()}-{index}"
+
+
+def session_actor_name(session_id: str) -> str:
+    return f"{SESSION_PREFIX}{session_id}"
+
+
+def list_workers(namespace: str) -> list[str]:
+    """Names of the registered (alive or restarting) worker actors in the namespace."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(
+        a["name"]
+        for a in names
+        if a.get("namespace") == namespace and a["name"].startswith(WORKER_PREFIX)
+    )
+
+
+def get_actor(name: str, namespace: str):
+    """The named actor's handle, or None if no actor holds that name."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | None = None):
+    """Get or create `count` (default cfg.workers) detached worker actors on this host."""
+    from lumos.cluster.worker import WorkerActor
+
+    count = cfg.workers if count is None else count
+    handles = []
+    for i in range(count):
+        name = worker_name(i, host)
+        handles.append(
+            WorkerActor.options(
+                name=name,
+                namespace=cfg.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                **cfg.resources(),
+            ).remote(
+                model=cfg.model,
+                name=name,
+                max_batch=cfg.max_batch,
+                kv_budget_bytes=cfg.kv_budget_bytes,
+            )
+        )
+    return handles
+
+
+# -- sessions -------------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, n_frames: int) -> int:
+    """The seed of a request that starts at frame n_frames of a session seeded with `seed`.
+
+    A pure function of the stored state, so a continuation (after a worker loss or a restart)
+    draws the same random numbers whichever worker runs it.
+    """
+    digest = hashlib.sha256(f"lumos:{int(seed)}:{int(n_frames)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62

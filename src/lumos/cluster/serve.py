@@ -1,0 +1,142 @@
+"""`lumos serve` (the API over a local or remote Ray cluster) and `lumos worker` (join GPUs).
+
+    lumos serve [--host 127.0.0.1] [--port 8000] [--ray-address ADDR]
+                [--redis-url URL | --store URL] [--model DIR|random] [--workers N]
+    lumos worker --ray-address ADDR [--model DIR|random] [--gpus N]
+
+`serve` without --ray-address starts a local Ray (random ports) with SQLite at
+.lumos/lumos.db and one local worker per GPU (one CPU worker without a GPU). `worker` starts one
+detached WorkerActor per local GPU ("worker-<host>-<i>", pinned to this node) in a running
+cluster, then blocks; Ctrl-C removes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from lumos.cluster import runtime
+from lumos.cluster.runtime import ServeConfig
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def build_config(argv: list[str] | None = None) -> ServeConfig:
+    p = argparse.ArgumentParser(prog="lumos serve", description="run the Lumos service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--redis-url", default=None, help="redis://host:port/db session store")
+    store.add_argument("--store", default=None, help="store URL (sqlite:///path.db or redis://)")
+    p.add_argument("--model", default=None, help="model folder, 'random' or 'random:<preset>'")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local workers to start when none is registered (default: one per GPU, or 1; "
+        "0 with --ray-address to only use `lumos worker` hosts)",
+    )
+    p.add_argument("--namespace", default="lumos")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--kv-budget-bytes", type=int, default=None)
+    p.add_argument("--session-idle-s", type=float, default=300.0)
+    a = p.parse_args(argv)
+    workers = a.workers if a.workers is not None else max(1, _gpu_count())
+    kwargs = {}
+    if a.redis_url or a.store:
+        kwargs["store_url"] = a.redis_url or a.store
+    try:
+        return ServeConfig(
+            ray_address=a.ray_address,
+            namespace=a.namespace,
+            model=a.model,
+            workers=workers,
+            max_batch=a.max_batch,
+            kv_budget_bytes=a.kv_budget_bytes,
+            session_idle_s=a.session_idle_s,
+            host=a.host,
+            port=a.port,
+            **kwargs,
+        )
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lumos serve`: build the config, then run the FastAPI app under uvicorn."""
+    cfg = build_config(argv)
+    try:
+        from lumos.api.app import create_app
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"lumos serve: the API is not available ({e.name})") from None
+    import uvicorn
+
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port)
+    return 0
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`lumos worker`: start this host's worker actors in a running cluster, then block."""
+    import ray
+
+    p = argparse.ArgumentParser(prog="lumos worker", description="join this host's GPUs")
+    p.add_argument("--ray-address", default="auto", help="the cluster to join (default: auto)")
+    p.add_argument("--model", default=None, help="model folder, 'random' or 'random:<preset>'")
+    p.add_argument("--gpus", type=int, default=None, help="workers to start (default: all GPUs)")
+    p.add_argument("--namespace", default="lumos")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--kv-budget-bytes", type=int, default=None)
+    a = p.parse_args(argv)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from lumos.cluster.worker import WorkerActor
+
+    gpus = _gpu_count() if a.gpus is None else a.gpus
+    count, resources = (gpus, {"num_gpus": 1}) if gpus > 0 else (1, {"num_cpus": 1})
+    ray.init(address=a.ray_address, namespace=a.namespace)
+    node = ray.get_runtime_context().get_node_id()
+    handles = []
+    for i in range(count):
+        name = runtime.worker_name(i)
+        handles.append(
+            WorkerActor.options(
+                name=name,
+                namespace=a.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                **resources,
+            ).remote(
+                model=a.model, name=name, max_batch=a.max_batch, kv_budget_bytes=a.kv_budget_bytes
+            )
+        )
+    for info in ray.get([h.info.remote() for h in handles]):
+        print(f"lumos worker: {info['name']} ready on {info['device']} ({info['model']})")
+    sys.stdout.flush()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    for h in handles:
+        try:
+            ray.get(h.stop.remote(), timeout=10)
+        except Exception:
+            pass
+        ray.kill(h, no_restart=True)
+    print("lumos worker: stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

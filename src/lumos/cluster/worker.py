@@ -1,0 +1,339 @@
+"""The GPU-pinned worker (system.md, "GPU-pinned worker grain"): a thin Ray shell around `Engine`.
+
+One `Worker` holds the pipeline (model + tokenizers) once and one continuous-batching `Engine`.
+A background thread runs `engine.step()` while there is work and sleeps on a condition when
+idle; requests and cancellations reach it through an inbox, and committed frames go back to the
+asyncio loop of the actor (`call_soon_threadsafe`) where each request's `run` stream decodes
+them to pixels with its own `StreamingDecoder` (in one decode thread, beside the engine) and
+yields them to the session that asked (a Ray streaming generator).
+
+A request is a plain dict (what `SessionActor` sends):
+
+    session_id   str
+    prompt       str | None       tokenized here (the text tokenizer lives with the model)
+    text_ids     list[int] | None used instead of prompt when given
+    given        np.int32 [t0, h, w] | None  every committed frame of the session
+    n_frames     int              frames to generate now
+    steps, cfg   sampler settings
+    duration, fps                 the video-length conditioning of the prompt prefix
+    seed         int              the request's generator seed (see runtime.derive_seed)
+
+Every yielded item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the latent frame's RGB
+frames side by side, rgb_frames of them), rgb_frames, done, worker}.
+
+torch is imported inside the actor only: the API process imports this module to name the class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from lumos.cluster.runtime import hostname
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled, or superseded by a newer request of the same session."""
+
+
+_CANCELLED = object()  # put into a stream's queue when its request leaves the engine early
+
+
+@dataclass(eq=False)
+class _Stream:
+    """The delivery end of one `run` call: an asyncio queue fed from the engine thread."""
+
+    session_id: str
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the actor is exiting
+            pass
+
+
+class Worker:
+    """Pipeline + engine + stepping thread; the methods are the actor's API."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        name: str | None = None,
+        max_batch: int = 8,
+        kv_budget_bytes: int | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import torch
+
+        from lumos.engine import Engine
+        from lumos.pipeline import Pipeline
+
+        if threads is None and not torch.cuda.is_available():
+            threads = _assigned_cpus()
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.name = name or f"worker-{hostname()}-{os.getpid()}"
+        self.model_name = "bundled" if model is None else str(model)
+        self.pipe = Pipeline.from_folder(model, device=self.device)
+        self._engine_args = (self.pipe.model, self.pipe.layout, max_batch, kv_budget_bytes)
+        self.engine = Engine(*self._engine_args)
+        self._cv = threading.Condition()
+        self._inbox: list[tuple] = []
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._active: dict[str, int] = {}  # session id -> open run() calls (event loop only)
+        self._load = self._snapshot()
+        self._stopped = False
+        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="lumos-decode")
+        self._thread = threading.Thread(target=self._loop, name="lumos-engine", daemon=True)
+        self._thread.start()
+        self.started_at = time.time()
+
+    # -- the engine thread ------------------------------------------------------------------------
+    def _submit(self, command: tuple) -> None:
+        with self._cv:
+            self._inbox.append(command)
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self.engine.has_work and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                commands, self._inbox = self._inbox, []
+            for command in commands:
+                self._apply(command)
+            if self.engine.has_work:
+                try:
+                    events = self.engine.step()
+                except Exception as e:  # a broken step: fail every request, start clean
+                    traceback.print_exc()
+                    self._fail_all(RuntimeError(f"engine step failed on {self.name}: {e!r}"))
+                    continue
+                for ev in events:
+                    stream = self._streams.get(ev.session_id)
+                    if stream is not None:
+                        stream.put(ev)
+                        if ev.done:
+                            del self._streams[ev.session_id]
+            self._load = self._snapshot()
+
+    def _apply(self, command: tuple) -> None:
+        kind, sid = command[0], command[1]
+        if kind == "add":
+            req, stream = command[2], command[3]
+            old = self._streams.pop(sid, None)
+            if old is not None or sid in self.engine.scheduler:
+                self.engine.cancel(sid)
+                if old is not None:
+                    old.put(_CANCELLED)
+            try:
+                self.engine.add(req)
+            except Exception as e:
+                stream.put(e)
+                return
+            self._streams[sid] = stream
+        elif kind == "cancel":
+            stream = command[2]
+            current = self._streams.get(sid)
+            if current is None or (stream is not None and current is not stream):
+                return
+            self.engine.cancel(sid)
+            del self._streams[sid]
+            current.put(_CANCELLED)
+
+    def _fail_all(self, error: Exception) -> None:
+        from lumos.engine import Engine
+
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+        self.engine = Engine(*self._engine_args)
+
+    def _snapshot(self) -> dict:
+        st = self.engine.stats()
+        return {
+            "running": st["running"],
+            "waiting": st["waiting"],
+            "kv_bytes": st["kv_bytes"] + st["batch_kv_bytes"],
+            "kv_budget_bytes": st["kv_budget_bytes"],
+            "frames": st["frames"],
+            "steps": st["steps"],
+            "cached_sessions": st["pool"]["sessions"],
+        }
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _engine_request(self, request: dict):
+        import torch
+
+        from lumos.config import SamplerConfig
+        from lumos.engine import EngineRequest
+
+        fps, duration = int(request.get("fps", 8)), int(request.get("duration", 1))
+        text = request.get("text_ids")
+        if text is None and request.get("prompt") is not None:
+            text = self.pipe.text_ids(request["prompt"], duration * fps, fps)
+        given = request.get("given")
+        if given is not None:
+            given = torch.from_numpy(np.asarray(given, dtype=np.int64))  # [t0, h, w]
+            if given.shape[0] == 0:
+                given = None
+        gen = torch.Generator(device=self.device).manual_seed(int(request["seed"]))
+        sampler = SamplerConfig(steps=int(request["steps"]), cfg=float(request["cfg"]))
+        return EngineRequest(
+            session_id=str(request["session_id"]),
+            text_ids=None if text is None else list(text),
+            given=given,
+            n_frames=int(request["n_frames"]),
+            sampler=sampler,
+            duration=duration,
+            fps=fps,
+            generator=gen,
+        )
+
+    def _decoder(self, given):
+        from lumos.tokenizers.base import StreamingDecoder
+
+        decoder = StreamingDecoder(self.pipe.visual, window=2)
+        if given is not None:
+            decoder.push(given[-1])  # causal context: the next frame decodes after it
+        return decoder
+
+    def _decode(self, decoder, codes) -> tuple[bytes, int]:
+        from lumos.video import encode_png
+
+        rgb = decoder.push(codes)  # [n, H, W, 3] uint8
+        return encode_png(rgb.numpy()), int(rgb.shape[0])
+
+    @ray.method(num_returns="streaming")
+    async def run(self, request: dict):
+        """Generate the request's frames; yield one dict per committed frame, in order."""
+        loop = asyncio.get_running_loop()
+        req = self._engine_request(request)
+        sid = req.session_id
+        stream = _Stream(sid, asyncio.Queue(), loop)
+        self._active[sid] = self._active.get(sid, 0) + 1
+        decoder = None
+        finished = False
+        self._submit(("add", sid, req, stream))
+        try:
+            decoder = await loop.run_in_executor(self._decode_pool, self._decoder, req.given)
+            while True:
+                item = await stream.queue.get()
+                if item is _CANCELLED:
+                    finished = True
+                    raise RequestCancelled(f"the request of session {sid} was cancelled")
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                pixels, n_rgb = await loop.run_in_executor(
+                    self._decode_pool, self._decode, decoder, item.codes
+                )
+                finished = item.done
+                yield {
+                    "index": int(item.index),
+                    "codes": item.codes.numpy().astype(np.int32),
+                    "pixels": pixels,
+                    "rgb_frames": n_rgb,
+                    "done": bool(item.done),
+                    "worker": self.name,
+                }
+                if item.done:
+                    return
+        finally:
+            if not finished:
+                self._submit(("cancel", sid, stream))
+            self._active[sid] -= 1
+            if not self._active[sid]:
+                del self._active[sid]
+
+    async def cancel(self, session_id: str) -> bool:
+        """Stop the session's request (its open stream ends with RequestCancelled)."""
+        known = session_id in self._active
+        self._submit(("cancel", session_id, None))
+        return known
+
+    async def encode_image(self, png: bytes) -> dict:
+        """An image (PNG/JPEG bytes) resized to the model's resolution -> its codes and pixels."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decode_pool, self._encode_image, png)
+
+    def _encode_image(self, png: bytes) -> dict:
+        import torch
+        from PIL import Image, ImageOps
+
+        from lumos.video import encode_png
+
+        s = self.pipe.settings
+        try:
+            with Image.open(io.BytesIO(png)) as im:
+                image = ImageOps.fit(
+                    im.convert("RGB"), (s.width, s.height), Image.Resampling.BICUBIC
+                )
+        except Exception as e:
+            raise ValueError(f"image could not be decoded: {e}") from None
+        arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+        codes = self.pipe.encode_image(torch.from_numpy(arr.copy()))  # [1, h, w]
+        return {
+            "codes": codes[0].numpy().astype(np.int32),
+            "pixels": encode_png(arr),
+            "rgb_frames": 1,
+        }
+
+    # -- introspection ----------------------------------------------------------------------------
+    async def load(self) -> dict:
+        """What placement needs: sessions with an open request, engine counts, KV bytes."""
+        return {"name": self.name, "sessions": len(self._active), **self._load}
+
+    async def info(self) -> dict:
+        p, s = self.pipe, self.pipe.settings
+        return {
+            "name": self.name,
+            "host": hostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "model": self.model_name,
+            "grid": [p.layout.h, p.layout.w],
+            "height": s.height,
+            "width": s.width,
+            "temporal": p.visual.temporal,
+            "fps": s.fps,
+            "frames": s.frames,
+            "steps": s.steps,
+            "cfg": s.cfg_video,
+            "max_frames": s.max_frames,
+            "codebook_size": p.visual.codebook_size,
+            "started_at": self.started_at,
+        }
+
+    async def stop(self) -> None:
+        """Stop the engine thread (before the actor is killed)."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+
+def _assigned_cpus() -> int:
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:
+        cpus = 1
+    return max(1, int(cpus))
+
+
+WorkerActor = ray.remote(max_concurrency=1000)(Worker)

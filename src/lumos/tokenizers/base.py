@@ -1,0 +1,196 @@
+"""Common interface of Lumos visual tokenizers, input validation and a streaming decoder.
+
+A visual tokenizer maps a uint8 RGB video ``[T, H, W, 3]`` to a grid of integer codes
+``[t, h, w]`` and back. Compression is ``spatial`` in both image axes and ``temporal`` in time,
+causal in time with the first-frame rule of Cosmos-style tokenizers: the first RGB frame gets its
+own latent frame, every later group of ``temporal`` RGB frames shares one latent frame, so
+
+    t = latent_frames(T) = 1 + ceil((T - 1) / temporal)
+    T' = rgb_frames(t)   = 1 + temporal * (t - 1)
+
+Pixels are scaled to [-1, 1] internally (:func:`video_to_unit` / :func:`unit_to_video`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import deque
+
+import torch
+
+__all__ = [
+    "TokenizerLoadError",
+    "VisualTokenizer",
+    "StreamingDecoder",
+    "check_video",
+    "check_codes",
+    "pad_video_frames",
+    "video_to_unit",
+    "unit_to_video",
+]
+
+
+class TokenizerLoadError(RuntimeError):
+    """A tokenizer folder or one of its files is missing, malformed or cannot be loaded."""
+
+
+def check_video(video: object, spatial: int = 8) -> None:
+    """Validate a video for encoding: a uint8 tensor ``[T, H, W, 3]`` with H, W multiples of
+    ``spatial`` and at least one frame. Raises ``ValueError`` (``TypeError`` for non-tensors)."""
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
+    if video.dtype != torch.uint8:
+        raise ValueError(f"video must have dtype torch.uint8 (values 0..255), got {video.dtype}")
+    if video.dim() != 4:
+        raise ValueError(
+            f"video must have shape [T, H, W, 3] (rank 4), got rank {video.dim()} "
+            f"with shape {tuple(video.shape)}"
+        )
+    t, h, w, c = video.shape
+    if c != 3:
+        raise ValueError(f"video must have 3 RGB channels last, got shape {tuple(video.shape)}")
+    if t < 1:
+        raise ValueError("video must have at least one frame")
+    if h < spatial or w < spatial or h % spatial or w % spatial:
+        raise ValueError(
+            f"video height and width must be positive multiples of {spatial}, got {h}x{w} (HxW)"
+        )
+
+
+def check_codes(codes: object, codebook_size: int) -> None:
+    """Validate a code grid for decoding: an integer tensor ``[t, h, w]`` in [0, codebook_size)."""
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.dim() != 3:
+        raise ValueError(f"codes must have shape [t, h, w] (rank 3), got {tuple(codes.shape)}")
+    if codes.numel() == 0:
+        raise ValueError(f"codes must not be empty, got shape {tuple(codes.shape)}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= codebook_size:
+        raise ValueError(f"codes must lie in [0, {codebook_size}), got range [{lo}, {hi}]")
+
+
+def video_to_unit(video: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` (or batched ``[B, T, H, W, 3]``) -> float32 ``[B, 3, T, H, W]``
+    in [-1, 1] (B = 1 for an unbatched video)."""
+    if video.dim() == 4:
+        video = video.unsqueeze(0)  # [1, T, H, W, 3]
+    x = video.permute(0, 4, 1, 2, 3).float()  # [B, 3, T, H, W] in [0, 255]
+    return x / 127.5 - 1.0
+
+
+def unit_to_video(x: torch.Tensor) -> torch.Tensor:
+    """float ``[B, 3, T, H, W]`` in [-1, 1] -> uint8 ``[B, T, H, W, 3]`` (rounded, clamped)."""
+    y = ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # [B, 3, T, H, W] in [0, 255]
+    return y.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()  # [B, T, H, W, 3]
+
+
+def pad_video_frames(x: torch.Tensor, temporal: int, dim: int = 2) -> torch.Tensor:
+    """Repeat the last frame along ``dim`` until ``T - 1`` is a multiple of ``temporal``.
+
+    The encoder of a causal tokenizer consumes ``1 + temporal * k`` frames; a shorter tail group is
+    completed by repeating the last frame, which matches ``latent_frames(T)``."""
+    t = x.shape[dim]
+    need = (-(t - 1)) % temporal
+    if need == 0:
+        return x
+    last = x.narrow(dim, t - 1, 1)
+    reps = [1] * x.dim()
+    reps[dim] = need
+    return torch.cat([x, last.repeat(*reps)], dim=dim)
+
+
+class VisualTokenizer(ABC):
+    """Abstract visual tokenizer.
+
+    Implementations set ``codebook_size``, ``spatial`` and ``temporal`` and implement
+    :meth:`encode` / :meth:`decode`. Outputs are CPU tensors.
+    """
+
+    codebook_size: int
+    spatial: int
+    temporal: int
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for ``num_frames`` RGB frames: ``1 + ceil((T - 1) / temporal)``."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        return 1 + math.ceil((num_frames - 1) / self.temporal)
+
+    def rgb_frames(self, num_latents: int) -> int:
+        """RGB frames produced by decoding ``num_latents`` latents: ``1 + temporal * (t - 1)``."""
+        if num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {num_latents}")
+        return 1 + self.temporal * (num_latents - 1)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Shape ``(t, h, w)`` of the codes of a ``num_frames x height x width`` video."""
+        return (
+            self.latent_frames(num_frames),
+            height // self.spatial,
+            width // self.spatial,
+        )
+
+    def check_video(self, video: torch.Tensor) -> None:
+        """Validate a video for :meth:`encode` (see :func:`check_video`)."""
+        check_video(video, self.spatial)
+
+    @abstractmethod
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[T, H, W, 3]`` -> int64 codes ``[t, h, w]`` in [0, codebook_size)."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 codes ``[t, h, w]`` -> uint8 video ``[rgb_frames(t), H, W, 3]``."""
+
+
+class StreamingDecoder:
+    """Decode latent frames one at a time as they are committed, for frame-by-frame streaming.
+
+    Each :meth:`push` of one latent frame ``[h, w]`` returns only the NEW RGB frames it adds
+    (1 for the first latent, ``temporal`` for each later one). The decoder re-decodes the last
+    ``window`` latents (the new one included) so that earlier latents serve as causal context, and
+    returns the tail. With ``window`` >= the number of latents pushed, the concatenated output
+    equals ``tokenizer.decode`` of all codes; a smaller window bounds the cost per frame.
+    """
+
+    def __init__(self, tokenizer: VisualTokenizer, window: int = 2) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if tokenizer.temporal > 1 and window < 2:
+            raise ValueError(
+                f"window must be >= 2 for a tokenizer with temporal={tokenizer.temporal}: a lone "
+                "latent decodes to a single frame"
+            )
+        self.tokenizer = tokenizer
+        self.window = window
+        self._latents: deque[torch.Tensor] = deque(maxlen=window)  # each [h, w]
+        self.latents_pushed = 0
+        self.frames_emitted = 0
+
+    def reset(self) -> None:
+        """Forget all context (start a new video)."""
+        self._latents.clear()
+        self.latents_pushed = 0
+        self.frames_emitted = 0
+
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        """Commit one latent frame ``[h, w]``; return its new RGB frames uint8 ``[n, H, W, 3]``."""
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"push expects one latent frame of shape [h, w], got {shape}")
+        if self._latents and self._latents[-1].shape != codes.shape:
+            raise ValueError(
+                f"latent frame shape changed from {tuple(self._latents[-1].shape)} "
+                f"to {tuple(codes.shape)}; call reset() to start a new video"
+            )
+        self._latents.append(codes.detach().to("cpu", torch.long))
+        new = 1 if self.latents_pushed == 0 else self.tokenizer.temporal
+        self.latents_pushed += 1
+        window = torch.stack(list(self._latents))  # [k, h, w], k <= window
+        frames = self.tokenizer.decode(window)  # [1 + temporal*(k-1), H, W, 3]
+        self.frames_emitted += new
+        return frames[-new:]

@@ -1,0 +1,79 @@
+"""The `lumos` command end to end (random weights; the bundled model has its own tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lumos.cli import main
+from lumos.pipeline import Pipeline
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_generate_gif_png_and_mp4(tmp_path):
+    from lumos.video import read_video
+
+    for name, frames in (("a.gif", "3"), ("b.mp4", "3"), ("c.png", None)):
+        out = tmp_path / name
+        args = ["generate", "a red sneaker moves left", "-o", str(out), "--model", "random"]
+        args += ["--steps", "2", "-q"] + (["--frames", frames] if frames else [])
+        assert main(args) == 0
+        assert out.stat().st_size > 0
+        video = read_video(out)
+        assert video.shape[1:] == (64, 64, 3)
+        assert video.shape[0] == (3 if frames else 1)
+
+
+def test_image_to_video(tmp_path):
+    from lumos.video import write_video
+
+    img = tmp_path / "first.png"
+    write_video(img, np.full((1, 64, 64, 3), 200, dtype=np.uint8))
+    out = tmp_path / "i2v.gif"
+    args = ["generate", "a bag falls", "--image", str(img), "-o", str(out), "--frames", "3"]
+    assert main(args + ["--model", "random", "--steps", "2", "-q"]) == 0
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="must end in .mp4, .gif or .png"):
+        main(["generate", "x", "-o", str(tmp_path / "x.avi"), "--model", "random"])
+    with pytest.raises(SystemExit, match="--frames must be in"):
+        main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", "random", "--frames", "0"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", str(tmp_path / "none")])
+
+
+def test_console_script_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "lumos.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "generate" in proc.stdout and "serve" in proc.stdout
+
+
+def test_pipeline_t2i_t2v_extend_shapes():
+    pipe = Pipeline.from_folder("random")
+    img = pipe.text_to_image("a red sneaker", steps=2)
+    assert img.shape == (1, 64, 64, 3) and img.dtype == torch.uint8
+    codes = pipe.generate_codes("a red sneaker moves left", 2, steps=2)
+    more = pipe.extend(codes, "a red sneaker rises", frames=2, steps=2)
+    assert more.shape == (4, 8, 8) and torch.equal(more[:2], codes)
+    with pytest.raises(ValueError, match="frames must be in"):
+        pipe.text_to_video("x", frames=1000)
+
+
+def test_subcommand_arguments_keep_their_order(tmp_path, capsys):
+    # flags before positional values must reach the subcommand unchanged
+    args = ["train", "--preset", "tiny", "--data", str(tmp_path / "missing"), "--out", "x"]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""lumos.evaluate: bundled classifier, colour tracker, clip scores, Frechet distance, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lumos.data import COLOURS, ItemSpec, MovingFashionConfig, load_fashion_mnist, make_clip
+from lumos.evaluate import (
+    CLASSIFIER_DIR,
+    assign_colours,
+    classifier_accuracy,
+    clip_features,
+    frechet_distance,
+    load_classifier,
+    main,
+    score_clip,
+    select_prompts,
+    track_items,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def real_clips():
+    """40 real test-split clips (1-2 items, 16 frames) with their items."""
+    cfg = MovingFashionConfig(frames=16)
+    return [make_clip(np.random.default_rng([123, i]), cfg, "test") for i in range(40)]
+
+
+def test_bundled_classifier_accuracy(clf):
+    files = sorted(p.name for p in CLASSIFIER_DIR.iterdir())
+    assert "classifier.safetensors" in files and "classifier.json" in files
+    assert (CLASSIFIER_DIR / "classifier.safetensors").stat().st_size < 1_000_000
+    assert clf.meta["test_accuracy"] >= 0.9
+    images, labels = load_fashion_mnist("test")
+    acc = classifier_accuracy(clf, images[:2000], labels[:2000])
+    assert acc >= 0.9
+    feats = clf.features(torch.zeros(3, 1, 28, 28))
+    assert feats.shape == (3, clf.meta["config"]["feature_dim"])
+
+
+def test_assign_colours_pure_hues():
+    video = np.zeros((1, 4, len(COLOURS), 3), np.uint8)
+    for k, rgb in enumerate(COLOURS.values()):
+        video[0, 0, k] = rgb  # full brightness
+        video[0, 1, k] = (np.array(rgb) * 0.3).astype(np.uint8)  # dim but above threshold
+        video[0, 2, k] = (np.array(rgb) * 0.1).astype(np.uint8)  # below threshold
+    labels, bright = assign_colours(video, threshold=48)
+    assert labels[0, 0].tolist() == list(range(len(COLOURS)))
+    assert labels[0, 1].tolist() == list(range(len(COLOURS)))
+    assert (labels[0, 2] == -1).all() and (labels[0, 3] == -1).all()
+    assert bright[0, 0].max() == 255
+
+
+def test_tracker_on_real_clips(clf, real_clips):
+    colour, direction, cls, n, consistency = [], [], [], 0, []
+    for clip in real_clips:
+        sc = score_clip(clip.video, [it.spec for it in clip.items], clf)
+        for it in sc["items"]:
+            colour.append(it["colour_present"])
+            direction.append(it["direction_correct"])
+            cls.append(it["class_correct"])
+            consistency.append(it["identity_consistency"])
+            n += 1
+    assert n >= 50  # 1-2 items per clip
+    assert np.mean(colour) == 1.0
+    assert np.mean(direction) >= 0.95
+    assert np.mean(cls) >= 0.8
+    assert np.mean(consistency) >= 0.8
+
+
+def test_track_positions_match_ground_truth(clf, real_clips):
+    # single-item clips: the tracked box lies inside the true 28x28 box in every frame
+    for clip in [c for c in real_clips if len(c.items) == 1][:5]:
+        it = clip.items[0]
+        tr = track_items(clip.video, [it.colour], clf)[it.colour]
+        assert tr.present.all()
+        y0, x0 = it.positions[:, 0], it.positions[:, 1]
+        assert (tr.boxes[:, 0] >= y0).all() and (tr.boxes[:, 2] < y0 + 28).all()
+        assert (tr.boxes[:, 1] >= x0).all() and (tr.boxes[:, 3] < x0 + 28).all()
+
+
+def test_blank_and_noise_videos_score_zero(clf):
+    specs = [ItemSpec("sneaker", "red", "left"), ItemSpec("bag", "white", "down")]
+    blank = np.zeros((8, 64, 64, 3), np.uint8)
+    sc = score_clip(blank, specs, clf)
+    for key in ("class_accuracy", "colour_accuracy", "direction_accuracy", "identity_consistency"):
+        assert sc[key] == 0.0
+    assert sc["all_correct"] == 0.0
+    # full-frame gray noise is not an item-sized white blob
+    noise = np.random.default_rng(0).integers(60, 200, (8, 64, 64, 3)).astype(np.uint8)
+    assert score_clip(noise, specs, clf)["colour_accuracy"] == 0.0
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 16))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + 3.0) == pytest.approx(16 * 9.0, rel=1e-6)
+    b = rng.normal(size=(200, 16))
+    assert frechet_distance(a, b) < 1.0
+    assert frechet_distance(a[:5], b[:7]) >= 0.0  # singular covariances are fine
+
+
+def test_frechet_real_vs_noise(clf, real_clips):
+    specs = [[it.spec for it in c.items] for c in real_clips]
+    half = len(real_clips) // 2
+    fa = [clip_features(c.video, s, clf) for c, s in zip(real_clips[:half], specs[:half])]
+    fb = [clip_features(c.video, s, clf) for c, s in zip(real_clips[half:], specs[half:])]
+    noise = np.random.default_rng(1).integers(0, 256, (half, 16, 64, 64, 3)).astype(np.uint8)
+    fn = [clip_features(v, s, clf) for v, s in zip(noise, specs[half:])]
+    for key in ("items", "frames"):
+        a = np.concatenate([f[key] for f in fa])
+        b = np.concatenate([f[key] for f in fb])
+        n = np.concatenate([f[key] for f in fn])
+        same = frechet_distance(a, a)
+        real = frechet_distance(a, b)
+        fake = frechet_distance(a, n)
+        assert same == pytest.approx(0.0, abs=1e-4)
+        assert fake > 3 * real > 0
+
+
+def test_select_prompts():
+    all_ = select_prompts("heldout")
+    assert len(all_) == 48
+    two = select_prompts("seen", 2)
+    assert len(two) == 2 and len(two[0][1]) == 1 and len(two[1][1]) == 2
+
+
+def test_main_random_end_to_end(tmp_path, capsys):
+    path = tmp_path / "eval.json"
+    argv = ["--model", "random", "--prompts", "2", "--steps", "2", "--frames", "4"]
+    rc = main([*argv, "--json", str(path), "-q"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "heldout" in out and "class" in out
+    res = json.loads(path.read_text())
+    assert res["classifier"]["test_accuracy"] >= 0.9
+    assert set(res["splits"]) == {"seen", "heldout"}
+    for r in res["splits"].values():
+        for key in (
+            "class_accuracy",
+            "colour_accuracy",
+            "direction_accuracy",
+            "identity_consistency",
+            "frechet_distance",
+            "frechet_distance_frames",
+            "n_clips",
+        ):
+            assert key in r
+        assert r["n_clips"] == 2
+        assert r["colour_accuracy"] <= 0.25  # random weights: (near) nothing is found
+        assert r["class_accuracy"] <= 0.25
+        assert r["frechet_distance"] > 0
+
+
+def test_main_real_only(tmp_path):
+    path = tmp_path / "real.json"
+    argv = ["--real-only", "--split", "heldout", "--prompts", "3", "--frames", "8"]
+    assert main([*argv, "--json", str(path), "-q"]) == 0
+    r = json.loads(path.read_text())["real"]["heldout"]
+    assert r["colour_accuracy"] == 1.0 and r["direction_accuracy"] >= 0.75
