@@ -407,8 +407,13 @@ def test_mp4_download_is_a_valid_video(api, done_session):
 def test_delete_health_page_and_docs(api):
     s = create(api, frames=1)
     wait_idle(api, s["id"], s["token"])
-    r = api.http.delete(f"/api/sessions/{s['id']}", headers=auth(s["token"]))
-    assert r.status_code == 204
+    with ws_connect(api.ws_url(s["id"], s["token"], 1), open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "state"
+        r = api.http.delete(f"/api/sessions/{s['id']}", headers=auth(s["token"]))
+        assert r.status_code == 204
+        with pytest.raises(ConnectionClosed):  # the stream of a deleted session ends
+            while True:
+                assert json.loads(ws.recv(timeout=30))["type"] != "frame"
     r = api.http.get(f"/api/sessions/{s['id']}", headers=auth(s["token"]))
     assert r.status_code == 404
     health = api.http.get("/api/health").json()

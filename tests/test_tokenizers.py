@@ -32,7 +32,16 @@ from lumos.tokenizers import (
     train_tokenizer,
 )
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run much faster single-threaded (and on a busy machine 2 threads can be
+    10x slower from OpenMP contention); restore the setting for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 TINY = dict(channels=(8, 16, 16, 16), levels=(8, 5, 5, 5), spatial=8, image_size=32, norm_groups=4)
 
@@ -204,6 +213,17 @@ def test_video_tokenizer_is_causal(temporal):
     n = tok.rgb_frames(codes.shape[0] - 1)
     assert torch.equal(da[:n], db[:n])
     assert not torch.equal(da[n:], db[n:])
+
+
+@pytest.mark.parametrize("norm", ["none", "group", "channel"])
+def test_norm_variants_run(norm):
+    cfg = FSQTokenizerConfig(**{**TINY, "norm": norm}, temporal=2, temporal_kernel=3)
+    tok = FSQVideoTokenizer(cfg)
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # [B, 3, T, H, W]
+    recon, indices = tok(x)
+    assert recon.shape == (2, 3, 5, 16, 16) and indices.shape == (2, 3, 2, 2)
+    recon.square().mean().backward()
+    assert all(p.grad is not None for p in tok.encoder.parameters())
 
 
 def test_encode_decode_batch_matches_single():

@@ -22,9 +22,26 @@ import numpy as np
 import torch
 
 from lumos.data import MovingFashionConfig, MovingFashionDataset
-from lumos.tokenizers import FSQVideoTokenizer, evaluate_reconstruction, train_bpe, train_tokenizer
+from lumos.tokenizers import (
+    FSQTokenizerConfig,
+    FSQVideoTokenizer,
+    evaluate_reconstruction,
+    train_bpe,
+    train_tokenizer,
+)
 
 VISUAL_PRESET = "fmnist64"
+# the bundled tokenizer: the fmnist64 layout with half the widths at high resolution, 3x cheaper
+# to train on CPU (0.48 s vs 1.44 s per batch of 32 frames on one thread)
+BUNDLED_VISUAL = FSQTokenizerConfig(
+    channels=(16, 32, 64, 128),
+    levels=(8, 5, 5, 5),
+    spatial=8,
+    temporal=1,
+    image_size=64,
+    num_res_blocks=1,
+    name="fmnist64-lite",
+)
 
 
 def _frames(n_clips: int, seed: int, frames: int) -> torch.Tensor:
@@ -35,10 +52,10 @@ def _frames(n_clips: int, seed: int, frames: int) -> torch.Tensor:
 
 def prepare(
     out: str | Path,
-    videos: int = 8000,
-    images: int = 8000,
+    videos: int = 6000,
+    images: int = 6000,
     frames: int = 16,
-    tokenizer_steps: int = 3000,
+    tokenizer_steps: int = 2000,
     text_vocab: int = 512,
     seed: int = 0,
     device: str = "cpu",
@@ -52,7 +69,7 @@ def prepare(
         t0 = time.time()
         data = _frames(2000, seed + 1, frames)
         metrics = train_tokenizer(
-            VISUAL_PRESET, data, steps=tokenizer_steps, batch=32, device=device, out_dir=tok_dir
+            BUNDLED_VISUAL, data, steps=tokenizer_steps, batch=32, device=device, out_dir=tok_dir
         )
         held = MovingFashionDataset(cfg, "heldout", 64, seed=seed + 2)
         vids = torch.from_numpy(np.stack([held[i].video for i in range(64)]))
@@ -169,10 +186,10 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lumos prepare-data", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/fmnist")
-    p.add_argument("--videos", type=int, default=8000)
-    p.add_argument("--images", type=int, default=8000)
+    p.add_argument("--videos", type=int, default=6000)
+    p.add_argument("--images", type=int, default=6000)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--tokenizer-steps", type=int, default=3000)
+    p.add_argument("--tokenizer-steps", type=int, default=2000)
     p.add_argument("--text-vocab", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

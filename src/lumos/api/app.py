@@ -73,6 +73,7 @@ STATIC = Path(__file__).parent / "static"
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OWNER_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 MAX_TOKEN_CHARS = 512
+MAX_FORWARD_SIDE = 1024  # images are shrunk to this side before going to the cluster
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 STATE_KEYS = tuple(SessionState.model_fields)
@@ -191,6 +192,7 @@ def decode_image(text: str, limits: Limits) -> bytes:
             probe.verify()
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
+            rgb.thumbnail((MAX_FORWARD_SIDE, MAX_FORWARD_SIDE))  # bounds the PNG passed on
     except HTTPException:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -260,10 +262,9 @@ class _RedactTokens(logging.Filter):
     pattern = re.compile(r"(token=)[^&\s\"]+")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
+        if isinstance(record.args, tuple):
             record.args = tuple(
-                self.pattern.sub(r"\1***", a) if isinstance(a, str) else a
-                for a in (record.args if isinstance(record.args, tuple) else (record.args,))
+                self.pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
             )
         return True
 
@@ -299,7 +300,10 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         lifespan=lifespan,
     )
     app.add_middleware(_Guard, max_body=max_body)
-    logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
+    for name in ("uvicorn.access", "uvicorn.error"):  # the latter logs WebSocket URLs
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactTokens) for f in logger.filters):
+            logger.addFilter(_RedactTokens())
 
     try:
         from lumos.cluster.client import LimitExceeded
@@ -623,6 +627,9 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
                     now = await _maybe(client_.state(session_id))
                 except KeyError:
                     now = None
+                except Exception as e:  # transient: the frame stream goes on regardless
+                    log.warning("state of %s: %r", session_id, e)
+                    continue
                 if now is None:
                     return "deleted"
                 if key(now) != previous:
@@ -636,20 +643,20 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             return "disconnected"
 
         await send({"type": "state", **public_state(state)})
-        outcome: dict[str, Any] = {}
+        outcome: list[tuple[str | None, Exception | None]] = []
 
         async def first(fn: Callable[[], Awaitable[str]], tg: Any) -> None:
             try:
-                outcome.setdefault("result", await fn())
+                outcome.append((await fn(), None))
             except Exception as e:
-                outcome.setdefault("error", e)
+                outcome.append((None, e))
             tg.cancel_scope.cancel()  # the first task to finish ends the stream
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(first, pump, tg)
             tg.start_soon(first, lambda: watch(state), tg)
             tg.start_soon(first, receive, tg)
-        exc = outcome.get("error")
+        result, exc = outcome[0] if outcome else ("cancelled", None)
         if exc is not None:
             if isinstance(exc, WebSocketDisconnect) or (
                 websocket.client_state != WebSocketState.CONNECTED
@@ -660,9 +667,9 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             else:
                 log.error("stream of %s failed: %r", session_id, exc)
                 await fail(503, f"stream failed: {_message(exc)}")
-        elif outcome.get("result") == "deleted":
+        elif result == "deleted":
             await fail(404, "session was deleted")
-        elif outcome.get("result") == "ended":
+        elif result == "ended":
             with contextlib.suppress(Exception):
                 await websocket.close(code=1000)
 

@@ -189,7 +189,7 @@ function connect() {
   socket.onclose = (event) => {
     if (view.socket !== socket) return;
     view.socket = null;
-    if (event.code >= 4000 && event.code < 5000) {
+    if ([4400, 4401, 4403, 4404].includes(event.code)) {
       $("connection").textContent = `stream closed: ${event.reason || event.code}`;
       return; // refused (bad token, unknown session): retrying will not help
     }

@@ -1,0 +1,75 @@
+"""Generation benchmark: 16 frames from the bundled model with its default steps and CFG.
+
+    python benchmarks/generate.py --json out.json [--model DIR|random] [--frames 16]
+
+Prints a table and writes JSON with: device, model, frames, steps, cfg, seconds (generation +
+decode, model load excluded), frames_per_s, ms_per_latent_frame, load_seconds. Target on the
+2-core CPU: 16 frames in <= 15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from lumos.pipeline import Pipeline
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: bundled) or 'random'")
+    p.add_argument("--prompt", default="a red sneaker moves left")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--cfg", type=float, default=None, help="default: the model's")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_folder(args.model, device=args.device)
+    load = time.perf_counter() - t0
+    runs = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        video = pipe.text_to_video(
+            args.prompt, frames=args.frames, steps=args.steps, cfg=args.cfg, seed=r
+        )
+        runs.append(time.perf_counter() - t0)
+    secs = min(runs)
+    s = pipe.settings
+    res = {
+        "device": str(pipe.device)
+        if pipe.device.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "model": args.model or "bundled",
+        "frames": int(video.shape[0]),
+        "latent_frames": pipe.latent_frames(args.frames),
+        "steps": args.steps or s.steps,
+        "cfg": args.cfg if args.cfg is not None else s.cfg_video,
+        "seconds": secs,
+        "frames_per_s": video.shape[0] / secs,
+        "ms_per_latent_frame": secs * 1e3 / pipe.latent_frames(args.frames),
+        "load_seconds": load,
+    }
+    width = max(len(k) for k in res)
+    print(f"{'metric':<{width}}  value")
+    for k, v in res.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
