@@ -193,6 +193,8 @@ def test_eight_sessions_at_once_get_exactly_their_frames(cluster):
             mp4 = await client.video_mp4(created[0][0]["id"])
             assert mp4[4:8] == b"ftyp"
             assert len(client.workers()) == 2
+            placed = [(await client.state(st["id"]))["worker"] for st, _ in created]
+            print("placement of 8 sessions:", {w: placed.count(w) for w in set(placed)})
         finally:
             await client.close()
 
@@ -288,7 +290,7 @@ def test_verify_tokens_and_limits(cluster):
             assert {f["meta"]["prompt"] for f in got[2:]} == {1}
 
             # max_sessions = 1 and a session is generating slowly: a new one is refused
-            slow, _ = await client.create_session("slow", 8, steps=60, cfg_scale=1.0, seed=1)
+            slow, _ = await client.create_session("slow", 8, steps=40, cfg_scale=1.0, seed=1)
 
             async def started():
                 return (await client.state(slow["id"]))["n_frames"] >= 1
@@ -296,6 +298,10 @@ def test_verify_tokens_and_limits(cluster):
             await wait_for(started)
             with pytest.raises(LimitExceeded, match="too many sessions"):
                 await client.create_session("one more", 1, steps=2)
+            cancelled = await client.cancel(slow["id"])
+            assert cancelled["status"] == "idle" and cancelled["n_frames"] < 8
+            stored = await client.frames(slow["id"])
+            assert [r.seq for r in stored] == list(range(cancelled["n_frames"]))
             await client.delete_session(slow["id"])
             with pytest.raises(SessionNotFoundError):
                 await client.state(slow["id"])
@@ -386,8 +392,10 @@ def test_restart_cluster_and_continue_sessions(cluster):
             b, _ = await rd.create_session("a sock", 3, steps=2, cfg_scale=2.0, seed=12)
             fa = await collect(sq.subscribe(a["id"]))
             fb = await collect(rd.subscribe(b["id"]))
+            for f, rec in zip(fa, await sq.frames(a["id"])):
+                f["tokens"] = rec.tokens
             # c is cut off mid-generation by the shutdown
-            c, _ = await sq.create_session("a scarf", 10, steps=40, cfg_scale=2.0, seed=13)
+            c, _ = await sq.create_session("a scarf", 8, steps=20, cfg_scale=2.0, seed=13)
 
             async def some():
                 return (await sq.state(c["id"]))["n_frames"] >= 2
@@ -416,6 +424,7 @@ def test_restart_cluster_and_continue_sessions(cluster):
             await assert_complete(sq, a, 7, ga)
             assert [f["pixels"] for f in ga[:4]] == [f["pixels"] for f in fa]
             stored = await sq.frames(a)
+            assert [r.tokens for r in stored[:4]] == [f["tokens"] for f in fa]
             assert [r.meta.get("prompt") for r in stored] == [0, 0, 0, 0, 1, 1, 1]
 
             await rd.extend(b, 2)
@@ -425,9 +434,48 @@ def test_restart_cluster_and_continue_sessions(cluster):
 
             # the interrupted session resumes up to its target when it is next touched
             gc = await collect(sq.subscribe(c))
-            await assert_complete(sq, c, 10, gc)
+            await assert_complete(sq, c, 8, gc)
         finally:
             await sq.close()
             await rd.close()
 
     run(phase2())
+
+
+# -- without Ray: a temporal tokenizer's latent frame is a strip of RGB frames --------------------
+
+
+def test_worker_decodes_temporal_latents_to_png_strips_and_mp4():
+    from dataclasses import replace
+
+    from lumos.cluster.client import _mp4, _split
+    from lumos.cluster.worker import Worker
+    from lumos.store import FrameRecord
+    from lumos.tokenizers import FSQVideoTokenizer
+    from lumos.tokenizers.video_fsq import FSQTokenizerConfig
+    from lumos.video import decode_png
+
+    worker = Worker(model="random:tiny", threads=1)
+    try:
+        cfg = replace(FSQTokenizerConfig.preset("fmnist64"), temporal=4, temporal_kernel=3)
+        worker.pipe.visual = FSQVideoTokenizer(cfg).eval()
+        rng = np.random.default_rng(0)
+        given = rng.integers(0, 1000, (2, 8, 8)).astype(np.int32)  # [t0, h, w]
+        decoder = worker._decoder(torch.from_numpy(given).long())
+        records = []
+        for seq in range(2):
+            codes = torch.from_numpy(rng.integers(0, 1000, (8, 8))).long()
+            pixels, n = worker._decode(decoder, codes)
+            assert n == 4
+            strip = decode_png(pixels)
+            assert strip.shape == (64, 256, 3)
+            frames = _split(strip, n)
+            assert len(frames) == 4 and all(f.shape == (64, 64, 3) for f in frames)
+            assert np.array_equal(frames[2], strip[:, 128:192])
+            meta = {"rgb_frames": n}
+            records.append(FrameRecord("s", seq, codes.numpy().tobytes(), (8, 8), pixels, meta))
+        assert _mp4(records, 8)[4:8] == b"ftyp"
+        enc = worker._encode_image(png(80, 100))
+        assert enc["codes"].shape == (8, 8) and decode_png(enc["pixels"]).shape == (64, 64, 3)
+    finally:
+        asyncio.run(worker.stop())

@@ -125,8 +125,11 @@ class LumosClient:
                 return None
             try:
                 known = self._workers.get(name)
-                info = known if known else await asyncio.wait_for(handle.info.remote(), timeout_s)
-                load = await asyncio.wait_for(handle.load.remote(), min(timeout_s, 10.0))
+                load = await asyncio.wait_for(handle.load.remote(), timeout_s)
+                if known and known.get("started_at") == load.get("started_at"):
+                    info = known
+                else:  # new, or restarted under the same name
+                    info = await asyncio.wait_for(handle.info.remote(), timeout_s)
             except (TimeoutError, *ACTOR_GONE_ERRORS):
                 return None
             return {**info, "name": name, "alive": True, "load": load}
@@ -421,7 +424,7 @@ class LumosClient:
             return
         while True:  # live, through the session actor's long poll
             try:
-                res = await self._call(session_id, "poll", nxt - 1, POLL_S)
+                res = await self._call(session_id, "poll", nxt - 1, POLL_S, follow)
             except SessionNotFoundError:
                 return
             for frame in res["frames"]:

@@ -23,6 +23,7 @@ No torch here: session actors are many small processes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from lumos.cluster.runtime import (
     get_actor,
     list_workers,
 )
-from lumos.store import FrameRecord, SessionMeta, SessionNotFound, open_store
+from lumos.store import FrameConflict, FrameRecord, SessionMeta, SessionNotFound, open_store
 
 log = logging.getLogger("lumos.session")
 
@@ -47,6 +48,7 @@ WORKER_WAIT_S = 30.0  # how long a generation waits for a live worker to appear
 LOAD_TIMEOUT_S = 10.0  # a worker that does not answer load() within this is skipped
 POLL_BATCH = 32  # frames per poll answer at most
 RECENT_FRAMES = 128  # published frames kept in memory for subscribers
+STORE_RETRIES = 3  # retries of a failed frame append (idempotent) before the session fails
 
 
 class SessionDeactivating(RuntimeError):
@@ -95,6 +97,7 @@ class Session:
         self.recent: OrderedDict[int, dict] = OrderedDict()  # seq -> published frame dict
         self._changed = asyncio.Event()  # replaced on every change (see _notify)
         self._task: asyncio.Task | None = None
+        self._generating = False
         self._worker: tuple[str, Any] | None = None  # (name, handle) of the current worker
         self._load_lock: asyncio.Lock | None = None
         self._watchdog: asyncio.Task | None = None
@@ -116,7 +119,9 @@ class Session:
             if self.meta is not None:
                 return
             meta = await self.store.get_session(self.sid)
-            if meta is None:
+            if meta is None:  # never created, or deleted: this actor has no reason to live
+                self._exiting = True
+                ray.get_runtime_context().current_actor.deactivate.remote()
                 raise SessionNotFound(f"session {self.sid!r} does not exist")
             codes: list[np.ndarray] = []
             while len(codes) < meta.n_frames:
@@ -144,7 +149,7 @@ class Session:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._generating
 
     # -- the API ----------------------------------------------------------------------------------
     async def state(self) -> dict:
@@ -179,16 +184,22 @@ class Session:
         return self._state()
 
     def _start(self, target: int) -> None:
+        self._generating = True
         self._task = asyncio.get_running_loop().create_task(self._generate(target))
         self._notify()
 
-    async def poll(self, after_seq: int, timeout_s: float = 10.0) -> dict:
-        """Frames with seq > after_seq (waits up to timeout_s for one), status and counts."""
+    async def poll(self, after_seq: int, timeout_s: float = 10.0, follow: bool = False) -> dict:
+        """Frames with seq > after_seq, with the state; waits up to timeout_s for a change.
+
+        Without follow it answers at once when there is nothing newer and no generation runs
+        (the subscriber is done); with follow it also waits for a future extend.
+        """
         await self._ensure()
         self._pollers += 1
         try:
             after_seq = int(after_seq)
-            if after_seq + 1 >= len(self.codes) and timeout_s > 0:
+            idle = not (follow or self._generating)
+            if after_seq + 1 >= len(self.codes) and timeout_s > 0 and not idle:
                 changed = self._changed
                 try:
                     await asyncio.wait_for(changed.wait(), timeout_s)
@@ -204,7 +215,7 @@ class Session:
 
     async def wait_frames(self, after_seq: int, timeout_s: float = 10.0) -> list[dict]:
         """Long-poll: frames with seq > after_seq as soon as one exists, else [] at timeout."""
-        return (await self.poll(after_seq, timeout_s))["frames"]
+        return (await self.poll(after_seq, timeout_s, True))["frames"]
 
     async def _frames_after(self, after_seq: int) -> list[dict]:
         start, end = after_seq + 1, min(len(self.codes), after_seq + 1 + POLL_BATCH)
@@ -242,7 +253,7 @@ class Session:
 
     async def deactivate(self) -> None:
         """Exit this actor (the idle watchdog calls it through the actor's own handle)."""
-        if self.running or self._pollers:
+        if self.meta is not None and (self.running or self._pollers):
             self._exiting = False
             self._watchdog = asyncio.get_running_loop().create_task(self._idle_watch())
             return
@@ -268,6 +279,7 @@ class Session:
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, target: int) -> None:
         losses = 0
+        status, error = "idle", None
         try:
             while len(self.codes) < target:
                 name, worker = await self._pick_worker()
@@ -279,21 +291,23 @@ class Session:
                     self._worker = None
                     if losses > MAX_WORKER_RETRIES:
                         raise RuntimeError(f"lost {losses} workers in one generation") from e
-            await self._set(status="idle", rng_state=self._rng_state())
         except asyncio.CancelledError:
-            await self._set(status="idle", rng_state=self._rng_state())
-            raise
+            pass  # cancel(): the frames committed so far stay, the session is idle
         except SessionNotFound:
-            return  # deleted while generating
+            status = None  # deleted while generating
         except Exception as e:
             log.exception("session %s failed", self.sid)
+            status, error = "failed", _message(e)
+        self._generating = False
+        self._last_call = time.monotonic()
+        if status is not None:
+            self.meta.status, self.meta.error = status, error  # what pollers see from now on
+        self._notify()
+        if status is not None:
             try:
-                await self._set(status="failed", error=_message(e), rng_state=self._rng_state())
+                await self._set(status=status, error=error, rng_state=self._rng_state())
             except SessionNotFound:
-                return
-        finally:
-            self._last_call = time.monotonic()
-            self._notify()
+                pass
 
     def _rng_state(self) -> bytes:
         seed = int(self.meta.settings.get("seed", 0))
@@ -333,18 +347,39 @@ class Session:
                 "prompt": prompt_index,
                 "rgb_frames": int(item.get("rgb_frames", 1)),
                 "worker": name,
+                "committed_at": float(item.get("committed_at", 0.0)),
             }
             rec = FrameRecord(
                 self.sid, seq, codes.astype("<i4").tobytes(), codes.shape, item["pixels"], meta
             )
-            await self.store.append_frame(rec)  # persist FIRST (idempotent for a retry)
-            self.codes.append(codes)  # THEN publish
-            self.recent[seq] = frame_dict(rec)
-            while len(self.recent) > RECENT_FRAMES:
-                self.recent.popitem(last=False)
-            self._notify()
-            if len(self.codes) >= target:
+            # a frame is committed whole: a cancel waits until it is persisted AND published, so
+            # the codes in memory never fall behind the store
+            commit = asyncio.ensure_future(self._commit(rec, codes))
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                await commit
+                raise
+
+    async def _commit(self, rec: FrameRecord, codes: np.ndarray) -> None:
+        """Persist one frame (retrying transient store errors: appends are idempotent), then
+        publish it to the pollers."""
+        for attempt in range(STORE_RETRIES + 1):
+            try:
+                await self.store.append_frame(rec)  # persist FIRST
                 break
+            except (FrameConflict, SessionNotFound):
+                raise
+            except Exception:
+                if attempt == STORE_RETRIES:
+                    raise
+                log.warning("session %s: append of frame %d failed; retrying", self.sid, rec.seq)
+                await asyncio.sleep(0.2 * 2**attempt)
+        self.codes.append(codes)  # THEN publish
+        self.recent[rec.seq] = frame_dict(rec)
+        while len(self.recent) > RECENT_FRAMES:
+            self.recent.popitem(last=False)
+        self._notify()
 
     async def _pick_worker(self) -> tuple[str, Any]:
         """Affinity first (meta.worker while it answers), else the least-loaded live worker."""
@@ -361,11 +396,18 @@ class Session:
             loads = await asyncio.gather(*(_load(h) for h in handles.values()))
             live = [(ld, n) for (n, ld) in zip(handles, loads) if ld is not None]
             if live:
-                _, name = min(live, key=lambda x: (x[0]["sessions"] + x[0]["waiting"], x[1]))
+                # least loaded; ties spread by a hash of (session, worker) (rendezvous hashing)
+                _, name = min(
+                    live, key=lambda x: (x[0]["sessions"] + x[0]["waiting"], _rank(self.sid, x[1]))
+                )
                 return name, handles[name]
             if time.monotonic() > deadline:
                 raise RuntimeError("no live worker: start one with `lumos worker`")
             await asyncio.sleep(0.5)
+
+
+def _rank(session_id: str, worker: str) -> str:
+    return hashlib.sha1(f"{session_id}/{worker}".encode()).hexdigest()
 
 
 async def _load(handle) -> dict | None:

@@ -19,7 +19,8 @@ A request is a plain dict (what `SessionActor` sends):
     seed         int              the request's generator seed (see runtime.derive_seed)
 
 Every yielded item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the latent frame's RGB
-frames side by side, rgb_frames of them), rgb_frames, done, worker}.
+frames side by side, rgb_frames of them), rgb_frames, done, worker, committed_at (wall clock when
+the engine's frame reached the actor loop, for latency measurements)}.
 
 torch is imported inside the actor only: the API process imports this module to name the class.
 """
@@ -81,6 +82,7 @@ class Worker:
         from lumos.engine import Engine
         from lumos.pipeline import Pipeline
 
+        self.started_at = time.time()
         if threads is None and not torch.cuda.is_available():
             threads = _assigned_cpus()
         if threads:
@@ -100,7 +102,6 @@ class Worker:
         self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="lumos-decode")
         self._thread = threading.Thread(target=self._loop, name="lumos-engine", daemon=True)
         self._thread.start()
-        self.started_at = time.time()
 
     # -- the engine thread ------------------------------------------------------------------------
     def _submit(self, command: tuple) -> None:
@@ -118,6 +119,8 @@ class Worker:
                 commands, self._inbox = self._inbox, []
             for command in commands:
                 self._apply(command)
+            if commands:
+                self._load = self._snapshot()
             if self.engine.has_work:
                 try:
                     events = self.engine.step()
@@ -228,7 +231,16 @@ class Worker:
         sid = req.session_id
         stream = _Stream(sid, asyncio.Queue(), loop)
         self._active[sid] = self._active.get(sid, 0) + 1
-        decoder = None
+        released = False
+
+        def release() -> None:  # before the last yield: Ray may never resume the generator
+            nonlocal released
+            if not released:
+                released = True
+                self._active[sid] -= 1
+                if not self._active[sid]:
+                    del self._active[sid]
+
         finished = False
         self._submit(("add", sid, req, stream))
         try:
@@ -241,10 +253,13 @@ class Worker:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                committed_at = time.time()
                 pixels, n_rgb = await loop.run_in_executor(
                     self._decode_pool, self._decode, decoder, item.codes
                 )
-                finished = item.done
+                if item.done:
+                    finished = True
+                    release()
                 yield {
                     "index": int(item.index),
                     "codes": item.codes.numpy().astype(np.int32),
@@ -252,15 +267,14 @@ class Worker:
                     "rgb_frames": n_rgb,
                     "done": bool(item.done),
                     "worker": self.name,
+                    "committed_at": committed_at,
                 }
                 if item.done:
                     return
         finally:
             if not finished:
                 self._submit(("cancel", sid, stream))
-            self._active[sid] -= 1
-            if not self._active[sid]:
-                del self._active[sid]
+            release()
 
     async def cancel(self, session_id: str) -> bool:
         """Stop the session's request (its open stream ends with RequestCancelled)."""
@@ -297,8 +311,18 @@ class Worker:
 
     # -- introspection ----------------------------------------------------------------------------
     async def load(self) -> dict:
-        """What placement needs: sessions with an open request, engine counts, KV bytes."""
-        return {"name": self.name, "sessions": len(self._active), **self._load}
+        """What placement needs: sessions in the engine (running, waiting, or about to be added),
+        open streams, KV bytes."""
+        with self._cv:
+            pending = sum(1 for c in self._inbox if c[0] == "add")
+        load = self._load
+        return {
+            "name": self.name,
+            "started_at": self.started_at,
+            "sessions": load["running"] + load["waiting"] + pending,
+            "streams": len(self._active),
+            **load,
+        }
 
     async def info(self) -> dict:
         p, s = self.pipe, self.pipe.settings
