@@ -44,6 +44,13 @@ def history_mask(lf: int, ratio: float) -> Tensor:
     return out
 
 
+def mask_history(layout: Layout, frames: Sequence, hmask: Tensor) -> Sequence:
+    """Frame blocks as they enter the cache: content slots in `hmask` [L_f] replaced by MASK."""
+    toks = frames.tokens.clone().view(-1, layout.block_len)  # [n, B_f]
+    toks[:, 3 : 3 + layout.content_len][:, hmask] = layout.vocab.mask
+    return frames.with_tokens(toks.view(-1))
+
+
 def keep_count(n: int, step: int, steps: int, n_masked: int) -> int:
     """How many slots stay masked after `step` (cosine schedule; 0 at the last step)."""
     if step >= steps - 1:
@@ -169,7 +176,7 @@ class VideoBatch:
             seq = pre
             if req.given is not None and req.given.shape[0]:
                 given = layout.frames(req.given.cpu(), req.given.shape[0], 0, len(pre), p0)
-                seq = pre + self._mask_history(given)
+                seq = pre + mask_history(layout, given, self.hmask)
             self.rows.append(seq)
         self.cache: KVCache | None = None
         if use_cache:
@@ -178,22 +185,6 @@ class VideoBatch:
     @property
     def n_rows(self) -> int:
         return len(self.rows)
-
-    def _mask_history(self, frames: Sequence) -> Sequence:
-        """Replace the history-mask slots of every frame block by MASK (tokens only)."""
-        lay = self.layout
-        toks = frames.tokens.clone().view(-1, lay.block_len)  # [n, B_f]
-        content = toks[:, 3 : 3 + lay.content_len]
-        content[:, self.hmask] = lay.vocab.mask
-        return Sequence(
-            tokens=toks.view(-1),
-            kind=frames.kind,
-            index=frames.index,
-            pos3=frames.pos3,
-            frame=frames.frame,
-            is_code=frames.is_code,
-            spans=frames.spans,
-        )
 
     def _forward_rows(self, seqs: list[Sequence]) -> Tensor:
         """Full forward of padded sequences with the frame-causal mask -> hidden [R, L, D]."""
@@ -251,16 +242,7 @@ class VideoBatch:
         else:  # recompute: the whole sequence every step, with the frame-causal mask
             seqs = []
             for i, (row, blk) in enumerate(zip(self.rows, blocks)):
-                cur = Sequence(
-                    tokens=toks[i].cpu(),
-                    kind=blk.kind,
-                    index=blk.index,
-                    pos3=blk.pos3,
-                    frame=blk.frame,
-                    is_code=blk.is_code,
-                    spans=blk.spans,
-                )
-                seqs.append(row + cur)
+                seqs.append(row + blk.with_tokens(toks[i].cpu()))
             hidden = self._forward_rows(seqs)
             idx = torch.stack([len(r) + lay.code_offsets for r in self.rows]).to(self.device)
             h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -294,20 +276,8 @@ class VideoBatch:
         lay = self.layout
         full = torch.ones_like(codes, dtype=torch.bool)
         toks = self._block_tokens(blocks, codes, full).cpu()  # [R, B_f] clean
-        toks[:, 3 : 3 + lay.content_len][:, self.hmask] = lay.vocab.mask
-        committed = []
-        for i, blk in enumerate(blocks):
-            committed.append(
-                Sequence(
-                    tokens=toks[i],
-                    kind=blk.kind,
-                    index=blk.index,
-                    pos3=blk.pos3,
-                    frame=blk.frame,
-                    is_code=blk.is_code,
-                    spans=blk.spans,
-                )
-            )
+        committed = [mask_history(lay, b.with_tokens(t), self.hmask) for b, t in zip(blocks, toks)]
+        toks = torch.stack([c.tokens for c in committed])
         if self.use_cache:
             rope = self.model.cfg.rope
             pos = torch.stack([blk.positions(rope) for blk in blocks]).to(self.device)

@@ -174,6 +174,10 @@ class Sequence:
             return self.index.unsqueeze(0).expand(3, -1)
         return self.pos3
 
+    def with_tokens(self, tokens: Tensor) -> Sequence:
+        """The same layout with other token ids (e.g. MASK at some slots)."""
+        return dataclasses.replace(self, tokens=tokens)
+
     def __add__(self, other: Sequence) -> Sequence:
         n = len(self)
         return Sequence(

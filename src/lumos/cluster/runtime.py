@@ -65,6 +65,7 @@ class ServeConfig:
     worker_resources: dict[str, float] | None = None
     max_batch: int = 8
     kv_budget_bytes: int | None = None
+    batching: bool = True  # False: one forward per session per step (the benchmark's reference)
     session_idle_s: float = 300.0
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"  # the API's bind address (used by `lumos serve`)
@@ -193,6 +194,7 @@ def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | 
                 name=name,
                 max_batch=cfg.max_batch,
                 kv_budget_bytes=cfg.kv_budget_bytes,
+                batching=cfg.batching,
             )
         )
     return handles

@@ -76,6 +76,7 @@ class Worker:
         kv_budget_bytes: int | None = None,
         device: str | None = None,
         threads: int | None = None,
+        batching: bool = True,
     ) -> None:
         import torch
 
@@ -91,8 +92,9 @@ class Worker:
         self.name = name or f"worker-{hostname()}-{os.getpid()}"
         self.model_name = "bundled" if model is None else str(model)
         self.pipe = Pipeline.from_folder(model, device=self.device)
+        self.batching = bool(batching)
         self._engine_args = (self.pipe.model, self.pipe.layout, max_batch, kv_budget_bytes)
-        self.engine = Engine(*self._engine_args)
+        self.engine = Engine(*self._engine_args, batching=self.batching)
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -166,7 +168,7 @@ class Worker:
         for stream in self._streams.values():
             stream.put(error)
         self._streams.clear()
-        self.engine = Engine(*self._engine_args)
+        self.engine = Engine(*self._engine_args, batching=self.batching)
 
     def _snapshot(self) -> dict:
         st = self.engine.stats()
@@ -342,6 +344,7 @@ class Worker:
             "cfg": s.cfg_video,
             "max_frames": s.max_frames,
             "codebook_size": p.visual.codebook_size,
+            "batching": self.batching,
             "started_at": self.started_at,
         }
 

@@ -48,7 +48,14 @@ from lumos.engine.pool import KVPool
 from lumos.engine.scheduler import Scheduler
 from lumos.kvcache import KVCache
 from lumos.masks import cache_key_mask, frame_causal_dense
-from lumos.sampler import combine_cfg, filter_logits, history_mask, maskgit_step, tau_at
+from lumos.sampler import (
+    combine_cfg,
+    filter_logits,
+    history_mask,
+    mask_history,
+    maskgit_step,
+    tau_at,
+)
 from lumos.sequence import Layout, Sequence, pad_batch
 
 
@@ -342,19 +349,7 @@ class Engine:
 
     def _mask_history(self, frames: Sequence, ratio: float) -> Sequence:
         """Frame blocks with the history-mask slots of their content replaced by MASK."""
-        lay = self.layout
-        toks = frames.tokens.clone().view(-1, lay.block_len)  # [n, B_f]
-        content = toks[:, 3 : 3 + lay.content_len]
-        content[:, self._hmask(ratio)] = lay.vocab.mask
-        return Sequence(
-            tokens=toks.view(-1),
-            kind=frames.kind,
-            index=frames.index,
-            pos3=frames.pos3,
-            frame=frames.frame,
-            is_code=frames.is_code,
-            spans=frames.spans,
-        )
+        return mask_history(self.layout, frames, self._hmask(ratio))
 
     def _prefill(self, rows: list[Sequence], capacity: int) -> KVCache:
         """One padded, frame-causal forward of every row's prefix + history into a new cache."""
