@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": "lumos.train",
         "train-tokenizer": "lumos.prepare",
         "eval": "lumos.evaluate",
-        "serve": "lumos.cluster.serve",
+        "serve": "lumos.api.serve",
         "worker": "lumos.cluster.serve",
         "prepare-data": "lumos.prepare",
     }[args.cmd]

@@ -1,4 +1,4 @@
-"""`lumos serve` (the API over a local or remote Ray cluster) and `lumos worker` (join GPUs).
+"""`lumos serve` configuration and `lumos worker` (join a host's GPUs to a running cluster).
 
     lumos serve [--host 127.0.0.1] [--port 8000] [--ray-address ADDR]
                 [--redis-url URL | --store URL] [--model DIR|random] [--workers N]
@@ -7,7 +7,8 @@
 `serve` without --ray-address starts a local Ray (random ports) with SQLite at
 .lumos/lumos.db and one local worker per GPU (one CPU worker without a GPU). `worker` starts one
 detached WorkerActor per local GPU ("worker-<host>-<i>", pinned to this node) in a running
-cluster, then blocks; Ctrl-C removes them.
+cluster, then blocks; Ctrl-C removes them. The `serve` entry point itself lives in
+lumos.api.serve (imports go cluster -> api, never back).
 """
 
 from __future__ import annotations
@@ -72,19 +73,6 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
         p.error(str(e))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`lumos serve`: build the config, then run the FastAPI app under uvicorn."""
-    cfg = build_config(argv)
-    try:
-        from lumos.api.app import create_app
-    except ModuleNotFoundError as e:
-        raise SystemExit(f"lumos serve: the API is not available ({e.name})") from None
-    import uvicorn
-
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port)
-    return 0
-
-
 def worker_main(argv: list[str] | None = None) -> int:
     """`lumos worker`: start this host's worker actors in a running cluster, then block."""
     import ray
@@ -139,4 +127,4 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker_main())
