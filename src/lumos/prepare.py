@@ -138,7 +138,15 @@ def export_bundle(run: str | Path, data: str | Path, dest: str | Path, fps: int 
     shutil.copytree(data / "tokenizer", dest / "tokenizer", ignore=shutil.ignore_patterns("*.pt"))
     shutil.copy2(data / "text_tokenizer.json", dest / "text_tokenizer.json")
     meta = json.loads((data / "data.json").read_text()) if (data / "data.json").is_file() else {}
-    settings = {"height": 64, "width": 64, "frames": meta.get("frames", 16), "fps": fps}
+    settings = {
+        "height": 64,
+        "width": 64,
+        "frames": meta.get("frames", 16),
+        "fps": fps,
+        "steps": 16,  # 64 codes per frame: 16 MaskGIT steps suffice (the paper uses 50 for 4k)
+        "cfg_video": 15.0,
+        "cfg_image": 16.0,
+    }
     (dest / "pipeline.json").write_text(json.dumps(settings, indent=2))
     return dest
 
