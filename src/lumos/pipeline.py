@@ -42,6 +42,7 @@ class PipelineSettings:
     cfg_video: float = 15.0
     cfg_image: float = 16.0
     template: bool = False  # wrap captions in the official text template
+    duration: int | None = None  # the duration token trained with (None: from the length asked)
     max_frames: int = 64
     extra: dict = field(default_factory=dict)
 
@@ -145,6 +146,11 @@ class Pipeline:
                 f"text tokenizer produced ids outside the model's text range: {bad[:4]}"
             )
         return ids
+
+    def duration_token(self, rgb_frames: int) -> int:
+        """The duration number of the prompt prefix for a video of `rgb_frames` frames."""
+        s = self.settings
+        return s.duration if s.duration else max(1, round(rgb_frames / s.fps))
 
     def _sampler(self, steps: int | None, cfg: float | None, image: bool) -> SamplerConfig:
         s = self.settings

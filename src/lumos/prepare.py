@@ -143,6 +143,7 @@ def export_bundle(run: str | Path, data: str | Path, dest: str | Path, fps: int 
         "width": 64,
         "frames": meta.get("frames", 16),
         "fps": fps,
+        "duration": 2,  # the trainer's duration token for 16-frame clips at 8 fps
         "steps": 16,  # 64 codes per frame: 16 MaskGIT steps suffice (the paper uses 50 for 4k)
         "cfg_video": 15.0,
         "cfg_image": 16.0,

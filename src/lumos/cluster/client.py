@@ -311,7 +311,7 @@ class LumosClient:
             "cfg": float(cfg_scale if cfg_scale is not None else model["cfg"]),
             "seed": int(seed if seed is not None else secrets.randbelow(2**31)),
             "fps": fps,
-            "duration": max(1, round(rgb / fps)),
+            "duration": int(model.get("duration") or max(1, round(rgb / fps))),
             "source": "image" if image_png is not None else "text",
             "target": 0,
             "height": int(model["height"]),

@@ -339,6 +339,7 @@ class Worker:
             "width": s.width,
             "temporal": p.visual.temporal,
             "fps": s.fps,
+            "duration": s.duration,
             "frames": s.frames,
             "steps": s.steps,
             "cfg": s.cfg_video,
