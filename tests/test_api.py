@@ -12,9 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
-import threading
 import time
 import uuid
 
@@ -24,13 +21,11 @@ import numpy as np
 import pytest
 import ray
 import torch
-import uvicorn
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from lumos.api import create_app
-from lumos.cluster.runtime import ServeConfig
+import serving
 
 torch.set_num_threads(1)
 
@@ -39,27 +34,12 @@ OWNER = "owner-" + uuid.uuid4().hex
 NOT_FOUND = "session not found"
 
 
-class Server:
-    """uvicorn serving create_app(cfg) in a thread; its lifespan starts and closes the client."""
+class Server(serving.Server):
+    """The shared server harness plus an HTTP client and WebSocket URLs."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg, ws_ping_interval=None)
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(cfg), log_level="warning", timeout_graceful_shutdown=5, ws_ping_interval=None
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 300
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API server did not start")
-            time.sleep(0.05)
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
     def ws_url(self, sid: str, token: str | None, start: int | str = 0) -> str:
@@ -68,31 +48,12 @@ class Server:
 
     def stop(self) -> None:
         self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive(), "the API server did not stop"
-        self.sock.close()
+        super().stop()
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    os.environ.pop("RAY_GCS_SERVER_PORT", None)  # a random GCS port, never Redis' 6379
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        namespace=NAMESPACE,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    db = tmp_path_factory.mktemp("api") / "lumos.db"
-    yield ServeConfig(
-        namespace=NAMESPACE,
-        store_url=f"sqlite:///{db}",
-        model="random:tiny",
-        workers=1,
-        worker_resources={"num_cpus": 1},
-        session_idle_s=60.0,
-    )
+    yield serving.local_ray_config(NAMESPACE, tmp_path_factory.mktemp("api") / "lumos.db")
     ray.shutdown()
 
 

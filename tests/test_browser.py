@@ -10,20 +10,14 @@ Playwright's own browser downloads are never used: Chromium must be installed
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-import uvicorn
 
-from lumos.api import create_app
-from lumos.cluster.runtime import ServeConfig
+from serving import Server, local_ray_config
 
 torch.set_num_threads(1)
 
@@ -40,53 +34,9 @@ NAMESPACE = f"lumos-browser-test-{uuid.uuid4().hex[:10]}"
 TIMEOUT_MS = 90_000
 
 
-class Server:
-    """uvicorn serving create_app(cfg) in a thread, on a given port (0: a free one)."""
-
-    def __init__(self, cfg: ServeConfig, port: int = 0) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        config = uvicorn.Config(create_app(cfg), log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 300
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive(), "the API server did not stop"
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    os.environ.pop("RAY_GCS_SERVER_PORT", None)  # a random GCS port, never Redis' 6379
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        namespace=NAMESPACE,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    db = tmp_path_factory.mktemp("browser") / "lumos.db"
-    yield ServeConfig(
-        namespace=NAMESPACE,
-        store_url=f"sqlite:///{db}",
-        model="random:tiny",
-        workers=1,
-        worker_resources={"num_cpus": 1},
-        session_idle_s=60.0,
-    )
+    yield local_ray_config(NAMESPACE, tmp_path_factory.mktemp("browser") / "lumos.db")
     ray.shutdown()
 
 

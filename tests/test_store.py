@@ -61,7 +61,7 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path):
         yield lambda: SQLiteStore(path)
         return
     if not REDIS_UP:
-        pytest.skip(f"no Redis server at {REDIS_URL}")
+        pytest.fail(f"no Redis server at {REDIS_URL}: start it (bash scripts/services)")
     prefix = f"lumos-test-{uuid.uuid4().hex}"
     yield lambda: RedisStore(REDIS_URL, prefix=prefix)
     client = redis.Redis.from_url(REDIS_URL)
