@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from lumos.checkpoint import load_model
 from lumos.data import ShardDataset, write_shards
-from lumos.diffusion import Sample, collate, random_mask, tube_mask
+from lumos.diffusion import Sample, collate, masked_sample, random_mask, tube_mask
 from lumos.masks import frame_causal_dense
 from lumos.sequence import Layout
 from lumos.train import train, train_preset
@@ -112,15 +112,7 @@ def fixed_sample(
     layout: Layout, codes: torch.Tensor, text_ids: list[int], m: torch.Tensor, dur: int, fps: int
 ) -> Sample:
     """The AR-DF sample of make_sample, with the text kept and a given [n, L_f] content mask."""
-    seq = layout.video(text_ids, codes, dur, fps, close=True)
-    lf = layout.content_len
-    slots = torch.zeros(len(seq), dtype=torch.bool)
-    starts = torch.tensor([s.content_start for s in seq.spans])  # [n]
-    pos = (starts.unsqueeze(1) + torch.arange(lf)).reshape(-1)  # [n*lf]
-    slots[pos] = m.reshape(-1)
-    inputs = seq.tokens.clone()
-    inputs[slots] = layout.vocab.mask
-    return Sample(seq=seq, inputs=inputs, loss_mask=slots & seq.is_code)
+    return masked_sample(layout, layout.video(text_ids, codes, dur, fps, close=True), m)
 
 
 def val_masks(

@@ -13,7 +13,6 @@ one frame block against the cache, vs the GPU's measured bf16 matmul peak).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -25,6 +24,7 @@ from lumos.config import SamplerConfig, model_preset
 from lumos.model import build_model
 from lumos.sampler import VideoBatch, VideoRequest
 from lumos.sequence import Layout
+from report import emit
 
 
 def _sync(device: str) -> None:
@@ -156,13 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.device.startswith("cuda"):
         res.update(step_mfu(model, layout, args))
-    width = max(len(k) for k in res)
-    print(f"{'metric':<{width}}  value")
-    for k, v in res.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.json)
     return res
 
 

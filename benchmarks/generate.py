@@ -10,7 +10,6 @@ decode, model load excluded), frames_per_s, ms_per_latent_frame, load_seconds. T
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 import torch
 
 from lumos.pipeline import Pipeline
+from report import emit
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,13 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_latent_frame": secs * 1e3 / pipe.latent_frames(args.frames),
         "load_seconds": load,
     }
-    width = max(len(k) for k in res)
-    print(f"{'metric':<{width}}  value")
-    for k, v in res.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.json)
     return res
 
 

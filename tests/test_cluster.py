@@ -77,7 +77,7 @@ def cluster(tmp_path_factory):
     try:
         redis.Redis.from_url(REDIS_BASE, socket_connect_timeout=1).ping()
     except redis.RedisError:
-        pytest.skip("needs the Redis server at 127.0.0.1:6379")
+        pytest.fail("needs the Redis server at 127.0.0.1:6379: start it (bash scripts/services)")
     _ray_init()
     db = tmp_path_factory.mktemp("cluster") / "lumos.db"
     yield Cluster(f"sqlite:///{db}")

@@ -475,7 +475,6 @@ def test_open_store_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert absolute.exists()
 
 
-@pytest.mark.skipif(not REDIS_UP, reason=f"no Redis server at {REDIS_URL}")
 def test_open_store_redis_url() -> None:
     prefix = f"lumos-test-{uuid.uuid4().hex}"
 

@@ -62,6 +62,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if not script.is_file():
         raise SystemExit(f"lumos bench: no benchmark {args.name!r} in {root}")
     sys.argv = [str(script), *rest]
+    sys.path.insert(0, str(root))  # benchmarks share benchmarks/report.py
     runpy.run_path(str(script), run_name="__main__")
     return 0
 

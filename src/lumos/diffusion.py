@@ -89,8 +89,13 @@ def make_sample(
     """codes [t, h, w] -> a masked AR-DF sample (text dropped with p = cfg.text_dropout)."""
     drop = text_ids is None or float(torch.rand((), generator=g)) < cfg.text_dropout
     seq = layout.video(None if drop else text_ids, codes, duration, fps, close=True)
-    n, lf = codes.shape[0], layout.content_len
-    m = content_mask(cfg.scheme, n, lf, cfg.min_mask_ratio, g)  # [n, lf]
+    m = content_mask(cfg.scheme, codes.shape[0], layout.content_len, cfg.min_mask_ratio, g)
+    return masked_sample(layout, seq, m)
+
+
+def masked_sample(layout: Layout, seq: Sequence, m: Tensor) -> Sample:
+    """Mask the content slots of every frame of `seq` by m [n_frames, L_f] (True = MASK)."""
+    lf = layout.content_len
     slots = torch.zeros(len(seq), dtype=torch.bool)
     starts = torch.tensor([s.content_start for s in seq.spans])  # [n]
     pos = (starts.unsqueeze(1) + torch.arange(lf)).reshape(-1)  # [n*lf]
