@@ -77,6 +77,15 @@ def _default_model() -> str:
     return "bundled" if (BUNDLED / "pipeline.json").is_file() else "random"
 
 
+def _default_steps(model: str) -> int:
+    """The model's default MaskGIT steps per frame (its pipeline.json), 8 for random weights."""
+    folder = BUNDLED if model == "bundled" else Path(model)
+    settings = folder / "pipeline.json"
+    if not model.startswith("random") and settings.is_file():
+        return int(json.loads(settings.read_text()).get("steps", 8))
+    return 8
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else None
 
@@ -105,7 +114,10 @@ def run_engine_only(args) -> dict:
     from lumos.pipeline import Pipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_folder(None if args.model == "bundled" else args.model, device=device)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    pipe = Pipeline.from_folder(
+        None if args.model == "bundled" else args.model, device=device, dtype=dtype
+    )
     s = pipe.settings
     cfg = s.cfg_video if args.cfg is None else args.cfg
     rgb = 1 + pipe.visual.temporal * (args.frames - 1)
@@ -546,12 +558,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--sessions", default="1,2,4,8", help="concurrent sessions per round")
     p.add_argument("--frames", type=int, default=8, help="latent frames per session")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's (random: 8)")
     p.add_argument("--cfg", type=float, default=None, help="default: the model's")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (of the worker)")
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (of the worker)"
+    )
     p.add_argument("--batching", default="on,off", help="modes to run: on, off or on,off")
     p.add_argument("--engine-only", action="store_true", help="drive Engine directly, no Ray/API")
     p.add_argument("--device", default=None, help="engine-only: cpu or cuda (default: cuda if any)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=1, help="rounds per N; frames/s is the best")
     p.add_argument("--timeout", type=float, default=600.0, help="per round, seconds")
     p.add_argument("--json", default=None)
@@ -565,6 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--sessions needs positive integers")
     if not args.modes or not set(args.modes) <= set(MODES):
         p.error("--batching takes on, off or on,off")
+    if args.steps is None:
+        args.steps = _default_steps(args.model)
     if min(args.frames, args.steps, args.threads, args.repeats) < 1:
         p.error("--frames, --steps, --threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)

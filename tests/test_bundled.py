@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from lumos.data import MovingFashionConfig, make_clip
-from lumos.pipeline import BUNDLED, Pipeline
+from lumos.pipeline import BUNDLED, Pipeline, cpu_has_fast_bf16, resolve_dtype
 from lumos.tokenizers import evaluate_reconstruction
 
 
@@ -45,3 +46,18 @@ def test_bundled_pipeline_generates_video_and_image():
     assert image.shape == (1, 64, 64, 3)
     # the clip is not blank: trained models draw items on a black background
     assert video.float().mean() > 1.0
+
+
+def test_inference_dtype_auto_and_explicit():
+    fast = cpu_has_fast_bf16()
+    assert resolve_dtype(None, "cpu") == (torch.bfloat16 if fast else torch.float32)
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("fp32", "cuda") == torch.float32
+    assert resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", "cpu")
+    for name, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        pipe = Pipeline.from_folder(dtype=name)
+        assert next(pipe.model.parameters()).dtype == want
+        video = pipe.text_to_video("a red sneaker moves left", frames=2, steps=4, seed=3)
+        assert video.shape == (2, 64, 64, 3) and video.float().mean() > 1.0

@@ -450,10 +450,11 @@ def test_worker_decodes_temporal_latents_to_png_strips_and_mp4():
 
     from lumos.cluster.client import _mp4, _split
     from lumos.cluster.worker import Worker
+    from lumos.engine import FrameEvent
     from lumos.store import FrameRecord
     from lumos.tokenizers import FSQVideoTokenizer
     from lumos.tokenizers.video_fsq import FSQTokenizerConfig
-    from lumos.video import decode_png
+    from lumos.video import decode_png, encode_png
 
     worker = Worker(model="random:tiny", threads=1)
     try:
@@ -461,12 +462,14 @@ def test_worker_decodes_temporal_latents_to_png_strips_and_mp4():
         worker.pipe.visual = FSQVideoTokenizer(cfg).eval()
         rng = np.random.default_rng(0)
         given = rng.integers(0, 1000, (2, 8, 8)).astype(np.int32)  # [t0, h, w]
-        decoder = worker._decoder(torch.from_numpy(given).long())
+        worker._decoders["s"] = worker._decoder(torch.from_numpy(given).long())
         records = []
         for seq in range(2):
             codes = torch.from_numpy(rng.integers(0, 1000, (8, 8))).long()
-            pixels, n = worker._decode(decoder, codes)
-            assert n == 4
+            (rgb,) = worker._pixels([FrameEvent("s", seq, codes, False)])
+            n = int(rgb.shape[0])
+            assert n == 4 and rgb.dtype == torch.uint8
+            pixels = encode_png(rgb.numpy())
             strip = decode_png(pixels)
             assert strip.shape == (64, 256, 3)
             frames = _split(strip, n)

@@ -23,6 +23,7 @@ from lumos.tokenizers import (
     VisualTokenizer,
     check_codes,
     check_video,
+    decode_streams,
     evaluate_reconstruction,
     load_visual_tokenizer,
     make_synthetic_videos,
@@ -377,6 +378,46 @@ def test_streaming_per_frame_tokenizer_matches_full_decode():
     diff = torch.cat(parts).int() - tok.decode(codes).int()
     assert diff.abs().max() <= 1  # only float summation order differs with the batch size
     assert stream.frames_emitted == 4 and stream.latents_pushed == 4
+
+
+def test_streaming_window_is_capped_by_the_tokenizers_context():
+    tok = tiny()  # temporal 1, temporal kernel 1: no context needed
+    assert tok.context_latents == 0 and StreamingDecoder(tok, window=4).window == 1
+    deep = tiny(temporal=4, temporal_kernel=3)
+    assert deep.context_latents is None and StreamingDecoder(deep, window=4).window == 4
+
+
+def test_decode_streams_batches_many_sessions_like_push():
+    tok = tiny(temporal=4, temporal_kernel=3)
+    videos = [tok.encode(rand_video(13, seed=i)) for i in range(3)]  # 4 latents each
+    one = [StreamingDecoder(tok, window=2) for _ in videos]
+    many = [StreamingDecoder(tok, window=2) for _ in videos]
+    many[2].push(videos[2][0])  # one session ahead: windows of different lengths in a batch
+    one[2].push(videos[2][0])
+    for k in range(3):
+        codes = [v[min(k + (i == 2), 3)] for i, v in enumerate(videos)]
+        want = [d.push(c) for d, c in zip(one, codes)]
+        got = decode_streams(many, codes)
+        assert [g.shape for g in got] == [w.shape for w in want]
+        for g, w in zip(got, want):
+            assert (g.int() - w.int()).abs().max() <= 1  # batch size changes float sums only
+    assert [d.frames_emitted for d in many] == [d.frames_emitted for d in one]
+    with pytest.raises(ValueError, match="2 decoders for 1"):
+        decode_streams(many[:2], [videos[0][0]])
+
+
+def test_streaming_prime_takes_stored_latents_as_context():
+    tok = tiny(temporal=4, temporal_kernel=3)
+    codes = tok.encode(rand_video(13))  # 4 latents -> 13 frames
+    full = StreamingDecoder(tok, window=3)
+    parts = [full.push(c) for c in codes]
+    resumed = StreamingDecoder(tok, window=3)
+    resumed.prime(codes[:3])  # a stored video of 3 latents, continued by one more
+    assert resumed.latents_pushed == 3 and resumed.frames_emitted == 9
+    assert torch.equal(resumed.push(codes[3]), parts[3])
+    assert resumed.frames_emitted == 13
+    with pytest.raises(ValueError, match="prime expects"):
+        resumed.prime(codes[0])
 
 
 def test_streaming_temporal_tokenizer():

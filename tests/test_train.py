@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -24,7 +25,9 @@ from lumos.train import (
     TrainConfig,
     build_parser,
     config_from_args,
+    lr_factor,
     main,
+    make_optimizer,
     model_flops_per_token,
     train,
     train_preset,
@@ -82,7 +85,8 @@ def _tiny(**kw) -> TrainConfig:
 
 
 def test_resume_gives_exactly_the_same_losses(videos, images, tmp_path):
-    cfg = _tiny(steps=5, image_steps=1, video_steps=2)  # joint schedule crosses the resume
+    # the joint schedule and the lr decay both cross the resume
+    cfg = _tiny(steps=5, image_steps=1, video_steps=2, decay="cosine", min_lr_ratio=0.2)
     straight = train(cfg, str(videos), str(images), str(tmp_path / "a"), device="cpu",
                      progress=False)  # fmt: skip
     first = train(cfg, str(videos), str(images), str(tmp_path / "b"), device="cpu",
@@ -177,6 +181,29 @@ def test_ddp_two_processes_under_torchrun(videos, tmp_path):
     one = train(_tiny(steps=3, warmup_steps=5, batch_size=4), str(videos), None,
                 str(tmp_path / "one"), device="cpu", progress=False)  # fmt: skip
     assert [r["loss"] for r in lines] == pytest.approx(one["losses"], rel=1e-5)
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = train_preset("tiny", lr=1.0, warmup_steps=4, steps=104, min_lr_ratio=0.1)
+    assert [lr_factor(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(cfg, 50) == 1.0 and lr_factor(cfg, 500) == 1.0  # constant by default
+    cos, lin = cfg.replace(decay="cosine"), cfg.replace(decay="linear")
+    assert lr_factor(cos, 4) == pytest.approx(1.0) and lr_factor(lin, 4) == pytest.approx(1.0)
+    assert lr_factor(cos, 54) == pytest.approx(0.55) and lr_factor(lin, 54) == pytest.approx(0.55)
+    assert lr_factor(cos, 29) == pytest.approx(0.1 + 0.9 * (0.5 + 0.5 * math.cos(math.pi / 4)))
+    assert lr_factor(cos, 104) == pytest.approx(0.1) and lr_factor(lin, 200) == pytest.approx(0.1)
+    factors = [lr_factor(cos, s) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))  # monotone down
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, cos)
+    for _ in range(54):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="decay"):
+        train_preset("tiny", decay="step")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        train_preset("tiny", min_lr_ratio=1.5)
 
 
 def test_data_order_is_a_permutation_per_epoch_and_seeded():

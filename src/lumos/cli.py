@@ -20,7 +20,9 @@ def _generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
         raise SystemExit(f"lumos generate: output {out} must end in .mp4, .gif or .png")
-    pipe = Pipeline.from_folder(args.model, device=args.device, tokenizer=args.tokenizer)
+    pipe = Pipeline.from_folder(
+        args.model, device=args.device, tokenizer=args.tokenizer, dtype=args.dtype
+    )
     s = pipe.settings
     if args.frames is not None:
         frames = args.frames
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     g.add_argument("--tokenizer", default=None, help="visual tokenizer folder (official models)")
     g.add_argument("--device", default=None)
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bfloat16 on GPUs and AMX CPUs, else float32",
+    )
     g.add_argument("-q", "--quiet", action="store_true")
 
     for name, help_ in (

@@ -91,6 +91,14 @@ def _gumbel(shape, g: torch.Generator | None, device) -> Tensor:
     return -torch.log(e)
 
 
+def _categorical(probs: Tensor, g: torch.Generator | None) -> Tensor:
+    """One draw per row of probs [N, V] by inverse CDF -> [N] long. One uniform per row
+    (torch.multinomial draws one exponential per vocabulary entry: ~20x slower on CPU)."""
+    cdf = probs.cumsum(-1)  # [N, V]
+    u = torch.rand(probs.shape[0], 1, generator=g, device=probs.device) * cdf[:, -1:]  # [N, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
 def maskgit_step(
     codes: Tensor,
     known: Tensor,
@@ -111,7 +119,7 @@ def maskgit_step(
     noise = torch.empty(b, n, device=logits.device)
     for i in range(b):
         g = generators[i]
-        x[i] = torch.multinomial(logp[i].exp(), 1, generator=g).squeeze(1)
+        x[i] = _categorical(logp[i].exp(), g)
         noise[i] = _gumbel((n,), g, logits.device)
     conf = logp.gather(-1, x.unsqueeze(-1)).squeeze(-1) + tau * noise  # [B, N]
     conf = conf.masked_fill(known, float("inf"))

@@ -1,11 +1,12 @@
 """Training with the AR-DF objective (method.md section 5): data order, loop, logs, checkpoints.
 
 Recipe: AdamW (0.9, 0.95), weight decay 0.1 (not on norms and biases), grad clip 4.0, a linear
-warm-up then a constant LR, bf16 autocast on CUDA with fp32 master weights, optional activation
-checkpointing per layer and `torch.compile` per layer, DDP under `torchrun`. Joint training
-alternates image batches and video batches on a fixed step schedule: a cycle of `image_steps`
-image batches then `video_steps` video batches (the released recipe: a batch of 6 images, then
-a batch of 1 video: `image_batch_size=6, batch_size=1, image_steps=video_steps=1`).
+warm-up then a constant LR (or a cosine/linear decay, `--decay`), bf16 autocast on CUDA with fp32
+master weights, optional activation checkpointing per layer and `torch.compile` per layer, DDP
+under `torchrun`. Joint training alternates image batches and video batches on a fixed step
+schedule: a cycle of `image_steps` image batches then `video_steps` video batches (the released
+recipe: a batch of 6 images, then a batch of 1 video: `image_batch_size=6, batch_size=1,
+image_steps=video_steps=1`).
 
 Data are pre-tokenised shard folders (`lumos.data.write_shards`). Each stream (video, image) is
 an endless sequence of positions 0, 1, 2, ...; epoch e of a stream is a permutation of the shard
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -61,7 +64,9 @@ class TrainConfig:
 
     model: str = "tiny"  # ModelConfig preset (ignored on resume: the checkpoint's config wins)
     lr: float = 1e-3
-    warmup_steps: int = 10  # linear warm-up from lr / warmup_steps, then constant
+    warmup_steps: int = 10  # linear warm-up from lr / warmup_steps, then `decay`
+    decay: str = "constant"  # after warm-up: constant | cosine | linear (min_lr_ratio at `steps`)
+    min_lr_ratio: float = 0.1  # the final lr of a cosine/linear decay, as a fraction of lr
     steps: int = 100  # total optimizer steps of the run
     batch_size: int = 2  # videos per rank per video step
     image_batch_size: int = 4  # images per rank per image step
@@ -108,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"video_steps must be >= 1, got {self.video_steps}")
         if self.lr <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise ValueError("need lr > 0, grad_clip > 0 and weight_decay >= 0")
+        if self.decay not in ("constant", "cosine", "linear"):
+            raise ValueError(f"unknown decay {self.decay!r}; choose constant, cosine or linear")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.peak_flops is not None and self.peak_flops <= 0:
@@ -419,9 +428,23 @@ def _build_model(cfg: TrainConfig, dev: torch.device, resume_dir: Path | None) -
     return model.float().train()
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The lr multiplier after `step` optimizer steps: linear warm-up over warmup_steps, then
+    constant or a cosine/linear decay that reaches min_lr_ratio at cfg.steps."""
+    w = cfg.warmup_steps
+    if w and step < w:
+        return (step + 1) / w
+    if cfg.decay == "constant":
+        return 1.0
+    span = max(1, cfg.steps - w)
+    progress = min(1.0, max(0.0, (step - w) / span))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False):
     """AdamW with weight decay on matrices and embeddings (not on norms and biases), plus a
-    LambdaLR: linear warm-up over warmup_steps, then constant."""
+    LambdaLR following `lr_factor` (warm-up, then constant or decaying)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -433,8 +456,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False):
     ]
     kw = {"fused": True} if fused else {}
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, **kw)
-    w = cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg))
     return opt, sched
 
 
@@ -833,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int, dest="warmup_steps")
+    p.add_argument("--decay", choices=["constant", "cosine", "linear"], help="lr after the warm-up")
+    p.add_argument("--min-lr-ratio", type=float, help="final lr of a decay, as a fraction of --lr")
     p.add_argument("--batch-size", type=int, help="videos per process per video step")
     p.add_argument("--image-batch-size", type=int, help="images per process per image step")
     p.add_argument("--schedule", help="joint schedule IMAGES:VIDEOS steps per cycle, e.g. 1:1")
@@ -857,6 +881,8 @@ _FLAG_FIELDS = (
     "steps",
     "lr",
     "warmup_steps",
+    "decay",
+    "min_lr_ratio",
     "batch_size",
     "image_batch_size",
     "rope",

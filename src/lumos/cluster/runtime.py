@@ -66,6 +66,7 @@ class ServeConfig:
     max_batch: int = 8
     kv_budget_bytes: int | None = None
     batching: bool = True  # False: one forward per session per step (the benchmark's reference)
+    dtype: str = "auto"  # the workers' inference dtype: auto | float32 | bfloat16
     session_idle_s: float = 300.0
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"  # the API's bind address (used by `lumos serve`)
@@ -77,6 +78,8 @@ class ServeConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.session_idle_s <= 0:
             raise ValueError(f"session_idle_s must be > 0, got {self.session_idle_s}")
         if isinstance(self.limits, dict):
@@ -195,6 +198,7 @@ def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | 
                 max_batch=cfg.max_batch,
                 kv_budget_bytes=cfg.kv_budget_bytes,
                 batching=cfg.batching,
+                dtype=cfg.dtype,
             )
         )
     return handles

@@ -51,6 +51,12 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--kv-budget-bytes", type=int, default=None)
     p.add_argument("--session-idle-s", type=float, default=300.0)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="inference dtype (auto: bfloat16 on GPUs and AMX CPUs, else float32)",
+    )
     a = p.parse_args(argv)
     workers = a.workers if a.workers is not None else max(1, _gpu_count())
     kwargs = {}
@@ -65,6 +71,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
             max_batch=a.max_batch,
             kv_budget_bytes=a.kv_budget_bytes,
             session_idle_s=a.session_idle_s,
+            dtype=a.dtype,
             host=a.host,
             port=a.port,
             **kwargs,
@@ -84,6 +91,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", default="lumos")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--kv-budget-bytes", type=int, default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a = p.parse_args(argv)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -105,7 +113,11 @@ def worker_main(argv: list[str] | None = None) -> int:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 **resources,
             ).remote(
-                model=a.model, name=name, max_batch=a.max_batch, kv_budget_bytes=a.kv_budget_bytes
+                model=a.model,
+                name=name,
+                max_batch=a.max_batch,
+                kv_budget_bytes=a.kv_budget_bytes,
+                dtype=a.dtype,
             )
         )
     for info in ray.get([h.info.remote() for h in handles]):

@@ -3,9 +3,12 @@
 One `Worker` holds the pipeline (model + tokenizers) once and one continuous-batching `Engine`.
 A background thread runs `engine.step()` while there is work and sleeps on a condition when
 idle; requests and cancellations reach it through an inbox, and committed frames go back to the
-asyncio loop of the actor (`call_soon_threadsafe`) where each request's `run` stream decodes
-them to pixels with its own `StreamingDecoder` (in one decode thread, beside the engine) and
-yields them to the session that asked (a Ray streaming generator).
+asyncio loop of the actor (`call_soon_threadsafe`). The engine thread decodes the frames a step
+committed to pixels right after the step, all sessions' frames in one batch (each session has its
+own `StreamingDecoder`, `decode_streams`): decoding in line with the steps keeps one compute thread
+on the CPU instead of two fighting over the cores. Each request's `run` stream then PNG-encodes
+its frames (in a small thread pool) and yields them to the session that asked (a Ray streaming
+generator).
 
 A request is a plain dict (what `SessionActor` sends):
 
@@ -20,7 +23,8 @@ A request is a plain dict (what `SessionActor` sends):
 
 Every yielded item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the latent frame's RGB
 frames side by side, rgb_frames of them), rgb_frames, done, worker, committed_at (wall clock when
-the engine's frame reached the actor loop, for latency measurements)}.
+the engine step that committed the frame returned, before pixel decoding: for latency
+measurements)}.
 
 torch is imported inside the actor only: the API process imports this module to name the class.
 """
@@ -77,6 +81,7 @@ class Worker:
         device: str | None = None,
         threads: int | None = None,
         batching: bool = True,
+        dtype: str = "auto",
     ) -> None:
         import torch
 
@@ -91,17 +96,18 @@ class Worker:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.name = name or f"worker-{hostname()}-{os.getpid()}"
         self.model_name = "bundled" if model is None else str(model)
-        self.pipe = Pipeline.from_folder(model, device=self.device)
+        self.pipe = Pipeline.from_folder(model, device=self.device, dtype=dtype)
         self.batching = bool(batching)
         self._engine_args = (self.pipe.model, self.pipe.layout, max_batch, kv_budget_bytes)
         self.engine = Engine(*self._engine_args, batching=self.batching)
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._decoders: dict[str, Any] = {}  # session id -> StreamingDecoder; engine thread only
         self._active: dict[str, int] = {}  # session id -> open run() calls (event loop only)
         self._load = self._snapshot()
         self._stopped = False
-        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="lumos-decode")
+        self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="lumos-io")  # PNG in, PNG out
         self._thread = threading.Thread(target=self._loop, name="lumos-engine", daemon=True)
         self._thread.start()
 
@@ -126,17 +132,28 @@ class Worker:
             if self.engine.has_work:
                 try:
                     events = self.engine.step()
+                    committed_at = time.time()
+                    events = [ev for ev in events if ev.session_id in self._streams]
+                    rgb = self._pixels(events)
                 except Exception as e:  # a broken step: fail every request, start clean
                     traceback.print_exc()
                     self._fail_all(RuntimeError(f"engine step failed on {self.name}: {e!r}"))
                     continue
-                for ev in events:
-                    stream = self._streams.get(ev.session_id)
-                    if stream is not None:
-                        stream.put(ev)
-                        if ev.done:
-                            del self._streams[ev.session_id]
+                for ev, frames in zip(events, rgb):
+                    self._streams[ev.session_id].put((ev, frames, committed_at))
+                    if ev.done:
+                        del self._streams[ev.session_id]
+                        self._decoders.pop(ev.session_id, None)
             self._load = self._snapshot()
+
+    def _pixels(self, events: list) -> list:
+        """The new RGB frames [n, H, W, 3] of each committed frame: one decoder batch."""
+        from lumos.tokenizers import decode_streams
+
+        if not events:
+            return []
+        decoders = [self._decoders[ev.session_id] for ev in events]
+        return decode_streams(decoders, [ev.codes for ev in events])
 
     def _apply(self, command: tuple) -> None:
         kind, sid = command[0], command[1]
@@ -149,7 +166,9 @@ class Worker:
                     old.put(_CANCELLED)
             try:
                 self.engine.add(req)
+                self._decoders[sid] = self._decoder(req.given)
             except Exception as e:
+                self.engine.cancel(sid)
                 stream.put(e)
                 return
             self._streams[sid] = stream
@@ -160,6 +179,7 @@ class Worker:
                 return
             self.engine.cancel(sid)
             del self._streams[sid]
+            self._decoders.pop(sid, None)
             current.put(_CANCELLED)
 
     def _fail_all(self, error: Exception) -> None:
@@ -168,6 +188,7 @@ class Worker:
         for stream in self._streams.values():
             stream.put(error)
         self._streams.clear()
+        self._decoders.clear()
         self.engine = Engine(*self._engine_args, batching=self.batching)
 
     def _snapshot(self) -> dict:
@@ -216,18 +237,14 @@ class Worker:
 
         decoder = StreamingDecoder(self.pipe.visual, window=2)
         if given is not None:
-            decoder.push(given[-1])  # causal context: the next frame decodes after it
+            decoder.prime(given)  # shown before: causal context, not decoded again
         return decoder
-
-    def _decode(self, decoder, codes) -> tuple[bytes, int]:
-        from lumos.video import encode_png
-
-        rgb = decoder.push(codes)  # [n, H, W, 3] uint8
-        return encode_png(rgb.numpy()), int(rgb.shape[0])
 
     @ray.method(num_returns="streaming")
     async def run(self, request: dict):
         """Generate the request's frames; yield one dict per committed frame, in order."""
+        from lumos.video import encode_png
+
         loop = asyncio.get_running_loop()
         req = self._engine_request(request)
         sid = req.session_id
@@ -246,7 +263,6 @@ class Worker:
         finished = False
         self._submit(("add", sid, req, stream))
         try:
-            decoder = await loop.run_in_executor(self._decode_pool, self._decoder, req.given)
             while True:
                 item = await stream.queue.get()
                 if item is _CANCELLED:
@@ -255,10 +271,9 @@ class Worker:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                committed_at = time.time()
-                pixels, n_rgb = await loop.run_in_executor(
-                    self._decode_pool, self._decode, decoder, item.codes
-                )
+                item, rgb, committed_at = item  # FrameEvent, [n, H, W, 3] uint8, wall clock
+                pixels = await loop.run_in_executor(self._io_pool, encode_png, rgb.numpy())
+                n_rgb = int(rgb.shape[0])
                 if item.done:
                     finished = True
                     release()
@@ -287,7 +302,7 @@ class Worker:
     async def encode_image(self, png: bytes) -> dict:
         """An image (PNG/JPEG bytes) resized to the model's resolution -> its codes and pixels."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decode_pool, self._encode_image, png)
+        return await loop.run_in_executor(self._io_pool, self._encode_image, png)
 
     def _encode_image(self, png: bytes) -> dict:
         import torch
@@ -346,6 +361,7 @@ class Worker:
             "max_frames": s.max_frames,
             "codebook_size": p.visual.codebook_size,
             "batching": self.batching,
+            "dtype": str(next(p.model.parameters()).dtype).removeprefix("torch."),
             "started_at": self.started_at,
         }
 

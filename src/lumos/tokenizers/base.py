@@ -23,6 +23,7 @@ __all__ = [
     "TokenizerLoadError",
     "VisualTokenizer",
     "StreamingDecoder",
+    "decode_streams",
     "check_video",
     "check_codes",
     "pad_video_frames",
@@ -113,6 +114,9 @@ class VisualTokenizer(ABC):
     codebook_size: int
     spatial: int
     temporal: int
+    # earlier latents that the pixels of a new latent depend on (0: latents decode independently);
+    # None: not declared, and a StreamingDecoder keeps the window it is given
+    context_latents: int | None = None
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for ``num_frames`` RGB frames: ``1 + ceil((T - 1) / temporal)``."""
@@ -146,6 +150,11 @@ class VisualTokenizer(ABC):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """int64 codes ``[t, h, w]`` -> uint8 video ``[rgb_frames(t), H, W, 3]``."""
 
+    def decode_batch(self, codes: torch.Tensor) -> torch.Tensor:
+        """int codes ``[B, t, h, w]`` -> uint8 ``[B, rgb_frames(t), H, W, 3]`` (one by one unless
+        an implementation batches)."""
+        return torch.stack([self.decode(c) for c in codes])
+
 
 class StreamingDecoder:
     """Decode latent frames one at a time as they are committed, for frame-by-frame streaming.
@@ -154,7 +163,9 @@ class StreamingDecoder:
     (1 for the first latent, ``temporal`` for each later one). The decoder re-decodes the last
     ``window`` latents (the new one included) so that earlier latents serve as causal context, and
     returns the tail. With ``window`` >= the number of latents pushed, the concatenated output
-    equals ``tokenizer.decode`` of all codes; a smaller window bounds the cost per frame.
+    equals ``tokenizer.decode`` of all codes; a smaller window bounds the cost per frame. A
+    tokenizer that declares ``context_latents`` caps the window at ``context_latents + 1`` (1 for
+    a per-frame tokenizer: each latent decodes alone, exactly).
     """
 
     def __init__(self, tokenizer: VisualTokenizer, window: int = 2) -> None:
@@ -166,7 +177,8 @@ class StreamingDecoder:
                 "latent decodes to a single frame"
             )
         self.tokenizer = tokenizer
-        self.window = window
+        ctx = getattr(tokenizer, "context_latents", None)
+        self.window = window if ctx is None else min(window, ctx + 1)  # no more than it needs
         self._latents: deque[torch.Tensor] = deque(maxlen=window)  # each [h, w]
         self.latents_pushed = 0
         self.frames_emitted = 0
@@ -177,8 +189,17 @@ class StreamingDecoder:
         self.latents_pushed = 0
         self.frames_emitted = 0
 
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
-        """Commit one latent frame ``[h, w]``; return its new RGB frames uint8 ``[n, H, W, 3]``."""
+    def prime(self, codes: torch.Tensor) -> None:
+        """Take latents ``[t, h, w]`` that were already shown (a stored video being continued) as
+        causal context, without decoding them: the next push returns only its own new frames."""
+        if codes.dim() != 3 or codes.shape[0] == 0:
+            raise ValueError(f"prime expects latents [t, h, w], t >= 1, got {tuple(codes.shape)}")
+        for c in codes[-self.window :]:
+            self._append(c)
+        self.latents_pushed += int(codes.shape[0])
+        self.frames_emitted = self.tokenizer.rgb_frames(self.latents_pushed)
+
+    def _append(self, codes: torch.Tensor) -> None:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"push expects one latent frame of shape [h, w], got {shape}")
@@ -188,9 +209,39 @@ class StreamingDecoder:
                 f"to {tuple(codes.shape)}; call reset() to start a new video"
             )
         self._latents.append(codes.detach().to("cpu", torch.long))
+
+    def stage(self, codes: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Commit one latent frame ``[h, w]``; return (the latents to decode ``[k, h, w]``, how
+        many of the decoded RGB frames are new). :func:`decode_streams` decodes many at once."""
+        self._append(codes)
         new = 1 if self.latents_pushed == 0 else self.tokenizer.temporal
         self.latents_pushed += 1
-        window = torch.stack(list(self._latents))  # [k, h, w], k <= window
-        frames = self.tokenizer.decode(window)  # [1 + temporal*(k-1), H, W, 3]
         self.frames_emitted += new
+        return torch.stack(list(self._latents)), new  # [k, h, w], k <= window
+
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        """Commit one latent frame ``[h, w]``; return its new RGB frames uint8 ``[n, H, W, 3]``."""
+        window, new = self.stage(codes)
+        frames = self.tokenizer.decode(window)  # [1 + temporal*(k-1), H, W, 3]
         return frames[-new:]
+
+
+def decode_streams(
+    decoders: list[StreamingDecoder], codes: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Push one latent frame ``[h, w]`` into each decoder (distinct decoders, e.g. one per
+    session) and return each one's new RGB frames ``[n, H, W, 3]``, as ``push`` would, but with
+    one ``decode_batch`` per group of equal windows: one forward for a step's committed frames."""
+    if len(decoders) != len(codes):
+        raise ValueError(f"{len(decoders)} decoders for {len(codes)} latent frames")
+    staged = [d.stage(c) for d, c in zip(decoders, codes)]
+    groups: dict[tuple, list[int]] = {}
+    for i, (d, (window, _)) in enumerate(zip(decoders, staged)):
+        groups.setdefault((id(d.tokenizer), tuple(window.shape)), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(decoders)
+    for idx in groups.values():
+        batch = torch.stack([staged[i][0] for i in idx])  # [b, k, h, w]
+        frames = decoders[idx[0]].tokenizer.decode_batch(batch)  # [b, T', H, W, 3]
+        for j, i in enumerate(idx):
+            out[i] = frames[j, -staged[i][1] :]
+    return out  # type: ignore[return-value]

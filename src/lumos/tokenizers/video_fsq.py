@@ -362,6 +362,8 @@ class FSQVideoTokenizer(nn.Module, VisualTokenizer):
         self.codebook_size = config.codebook_size
         self.spatial = config.spatial
         self.temporal = config.temporal
+        # per-frame convolutions and no temporal compression: each latent decodes on its own
+        self.context_latents = 0 if config.temporal == 1 and config.temporal_kernel == 1 else None
         self.encoder = Encoder(config)
         self.quantizer = FSQ(config.levels)
         self.decoder = Decoder(config)
