@@ -379,6 +379,7 @@ def test_delete_health_page_and_docs(api):
     assert r.status_code == 404
     health = api.http.get("/api/health").json()
     assert health["status"] == "ok" and len(health["workers"]) >= 1
+    assert health["workers"][0]["dtype"] == "float32"  # random weights: float32 unless named
     limits = api.http.get("/api/config").json()["limits"]
     assert limits["max_frames_per_request"] == 64 and limits["max_steps"] == 100
     page = api.http.get("/")

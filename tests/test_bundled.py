@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lumos.data import MovingFashionConfig, make_clip
-from lumos.pipeline import BUNDLED, Pipeline, cpu_has_fast_bf16, resolve_dtype
+from lumos.devices import cpu_has_fast_bf16, resolve_dtype
+from lumos.pipeline import BUNDLED, Pipeline
 from lumos.tokenizers import evaluate_reconstruction
 
 
@@ -56,6 +57,9 @@ def test_inference_dtype_auto_and_explicit():
     assert resolve_dtype(torch.float16, "cpu") == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", "cpu")
+    assert next(Pipeline.from_folder("random:tiny").model.parameters()).dtype == torch.float32
+    rnd = Pipeline.from_folder("random:tiny", dtype="bfloat16")
+    assert next(rnd.model.parameters()).dtype == torch.bfloat16
     for name, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         pipe = Pipeline.from_folder(dtype=name)
         assert next(pipe.model.parameters()).dtype == want

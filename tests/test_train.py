@@ -18,6 +18,7 @@ import torch
 from lumos.checkpoint import load_model, read_config
 from lumos.config import model_preset
 from lumos.data import write_shards
+from lumos.devices import cpu_has_fast_bf16
 from lumos.train import (
     TRAIN_PRESETS,
     DataOrder,
@@ -204,6 +205,17 @@ def test_lr_schedule_warmup_then_decay():
         train_preset("tiny", decay="step")
     with pytest.raises(ValueError, match="min_lr_ratio"):
         train_preset("tiny", min_lr_ratio=1.5)
+
+
+def test_bf16_autocast_on_amx_cpus_tracks_float32(videos, tmp_path):
+    kw = dict(steps=3, batch_size=2)
+    fp32 = train(_tiny(bf16=False, **kw), str(videos), None, str(tmp_path / "a"), device="cpu",
+                 progress=False)  # fmt: skip
+    bf16 = train(_tiny(bf16=True, **kw), str(videos), None, str(tmp_path / "b"), device="cpu",
+                 progress=False)  # fmt: skip
+    assert fp32["bf16"] is False and bf16["bf16"] is cpu_has_fast_bf16()
+    assert all(math.isfinite(x) for x in bf16["losses"])
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=0.02)  # same data, same masks
 
 
 def test_data_order_is_a_permutation_per_epoch_and_seeded():

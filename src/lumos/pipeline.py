@@ -22,46 +22,13 @@ from torch import Tensor
 
 from lumos.checkpoint import load_model, read_config
 from lumos.config import SamplerConfig
+from lumos.devices import resolve_dtype
 from lumos.sampler import VideoRequest, generate
 from lumos.sequence import Layout, prompt_text
 from lumos.tokenizers import TextTokenizer, VisualTokenizer, load_visual_tokenizer
 
 BUNDLED = Path(__file__).parent / "assets" / "fmnist"
 COSMOS_DIR = "Cosmos-Tokenizer-DV4x8x8"
-
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX-BF16): there
-    bfloat16 inference is 2-6x faster than float32; elsewhere it is emulated and slower."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # an older torch: ask the kernel
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
-    """The inference dtype: a torch dtype, "float32"/"bfloat16" (or fp32/bf16), or None/"auto":
-    bfloat16 on CUDA and on CPUs with AMX-BF16 (`cpu_has_fast_bf16`), else float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        fast = str(device).startswith("cuda") or cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32 or bfloat16")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -117,10 +84,14 @@ class Pipeline:
     ) -> Pipeline:
         """Load ours (default: the bundled model) or an official checkpoint folder. dtype None or
         "auto": bfloat16 on CUDA and on CPUs with AMX-BF16 matrix units, else float32
-        (`resolve_dtype`)."""
+        (`resolve_dtype`). "random" / "random:<preset>" (random weights, for tests) stay float32
+        unless a dtype is named."""
         if str(folder).startswith("random"):  # "random" or "random:<model preset>"
             preset = str(folder).partition(":")[2] or "fmnist"
-            return cls.random(preset, device=device or "cpu")
+            pipe = cls.random(preset, device=device or "cpu")
+            if dtype not in (None, "auto"):
+                pipe.model.to(resolve_dtype(dtype, device or "cpu"))
+            return pipe
         folder = Path(folder) if folder is not None else BUNDLED
         if not folder.is_dir():
             hint = (

@@ -1,8 +1,8 @@
 """Training with the AR-DF objective (method.md section 5): data order, loop, logs, checkpoints.
 
 Recipe: AdamW (0.9, 0.95), weight decay 0.1 (not on norms and biases), grad clip 4.0, a linear
-warm-up then a constant LR (or a cosine/linear decay, `--decay`), bf16 autocast on CUDA with fp32
-master weights, optional activation checkpointing per layer and `torch.compile` per layer, DDP
+warm-up then a constant LR (or a cosine/linear decay, `--decay`), bf16 autocast (CUDA, AMX CPUs)
+with fp32 master weights, optional activation checkpointing and `torch.compile` per layer, DDP
 under `torchrun`. Joint training alternates image batches and video batches on a fixed step
 schedule: a cycle of `image_steps` image batches then `video_steps` video batches (the released
 recipe: a batch of 6 images, then a batch of 1 video: `image_batch_size=6, batch_size=1,
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from lumos.checkpoint import load_model, save_model
 from lumos.config import MODEL_PRESETS, DiffusionConfig, ModelConfig, model_preset
 from lumos.data import ShardDataset
+from lumos.devices import cpu_has_fast_bf16
 from lumos.diffusion import Sample, ardf_loss, collate, make_sample
 from lumos.model import Lumos, build_model
 from lumos.sequence import Layout
@@ -90,7 +91,7 @@ class TrainConfig:
     image_fps: int = 1
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
-    bf16: bool = True  # bf16 autocast (CUDA only; weights and optimizer stay fp32)
+    bf16: bool = True  # bf16 autocast on CUDA and AMX CPUs (weights and optimizer stay fp32)
     num_workers: int = 0  # DataLoader worker processes building batches
     peak_flops: float | None = None  # per-device peak FLOP/s: enables MFU in the logs
     init_from: str | None = None  # a model folder (ours or official) to start from
@@ -724,7 +725,8 @@ def train(
         dynamic_ncols=True,
     )
 
-    use_bf16 = cfg.bf16 and dev.type == "cuda"
+    # bf16 autocast on CUDA, and on CPUs that multiply bf16 matrices in hardware (AMX)
+    use_bf16 = cfg.bf16 and (dev.type == "cuda" or (dev.type == "cpu" and cpu_has_fast_bf16()))
     losses: list[float] = []
     steps_done: list[int] = []
     iv = _Interval()
@@ -827,6 +829,7 @@ def train(
         "weights_digest": weights_digest(model),
         "world_size": info.world_size,
         "rank": info.rank,
+        "bf16": use_bf16,
         "last_log": last_log,
     }
 
