@@ -182,7 +182,7 @@ class Pipeline:
         return self.visual.decode(codes.cpu())
 
     # -- generation -------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_codes(
         self,
         prompt: str | None,

@@ -207,7 +207,7 @@ class VideoBatch:
             output="hidden",
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _prefill(self) -> None:
         lay = self.layout
         total = max(len(s) for s in self.rows)
@@ -235,7 +235,7 @@ class VideoBatch:
         toks[:, lay.code_offsets.to(self.device)] = ids.repeat(reps, 1)
         return toks
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def frame_logits(self, blocks: list[Sequence], codes: Tensor, known: Tensor) -> Tensor:
         """Per-row visual logits [R, N, V] at the code slots of the current block."""
         lay = self.layout
@@ -256,7 +256,7 @@ class VideoBatch:
             h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return self.model.project(h, self.model.visual_rows()).float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def next_frame(self, on_step: Callable[[int], None] | None = None) -> Tensor:
         """Decode and commit every video's next latent frame; returns codes [B, h, w]."""
         lay, cfg = self.layout, self.cfg
@@ -279,7 +279,7 @@ class VideoBatch:
         self._commit(blocks, codes)
         return codes.view(self.b, lay.h, lay.w)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _commit(self, blocks: list[Sequence], codes: Tensor) -> None:
         lay = self.layout
         full = torch.ones_like(codes, dtype=torch.bool)
@@ -301,7 +301,7 @@ class VideoBatch:
         self.k = [k + 1 for k in self.k]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model,
     layout: Layout,

@@ -302,6 +302,7 @@ class Engine:
         per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.dtype.itemsize
         return len(prefixes) * self._need(req, prefixes) * per_token
 
+    @torch.inference_mode()
     def add(self, request: EngineRequest) -> None:
         """Queue a request; it joins the running batch at a step boundary when admitted."""
         lay = self.layout
@@ -321,6 +322,7 @@ class Engine:
         self.scheduler.add(request.session_id, nbytes)
         self._requests[request.session_id] = request
 
+    @torch.inference_mode()
     def cancel(self, session_id: str) -> bool:
         """Remove a session between steps (its committed frames stay in its cache)."""
         if session_id in self._live:
@@ -523,7 +525,7 @@ class Engine:
         self.frames_emitted += len(events)
         return events
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[FrameEvent]:
         """One diffusion step of every running session (admitting waiting ones first)."""
         ids = self.scheduler.schedule()
