@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lumos.cli import main
-from lumos.pipeline import Pipeline
+from lumos.pipeline import Pipeline, PipelineSettings
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +70,17 @@ def test_pipeline_t2i_t2v_extend_shapes():
     assert more.shape == (4, 8, 8) and torch.equal(more[:2], codes)
     with pytest.raises(ValueError, match="frames must be in"):
         pipe.text_to_video("x", frames=1000)
+
+
+def test_pipeline_settings_carry_the_sampling_defaults():
+    settings = PipelineSettings.from_dict({"steps": 12, "cfg_video": 7.5, "top_p": 0.8, "x": 1})
+    assert (settings.steps, settings.cfg_video, settings.top_p) == (12, 7.5, 0.8)
+    pipe = Pipeline.from_folder("random")
+    pipe.settings = settings
+    video = pipe._sampler(None, None, image=False)
+    assert (video.steps, video.cfg, video.top_p) == (12, 7.5, 0.8)
+    assert pipe._sampler(3, 2.0, image=True).cfg == 2.0
+    assert PipelineSettings().top_p is None  # the full distribution unless a folder says
 
 
 def test_subcommand_arguments_keep_their_order(tmp_path, capsys):

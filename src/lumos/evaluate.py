@@ -759,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: model's)")
     p.add_argument("--frames", type=int, default=None, help="RGB frames (default: model's)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
     p.add_argument("--real-only", action="store_true", help="score real clips only, no model")
     p.add_argument("--classifier", default=None, help="classifier folder (default: bundled)")
@@ -801,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "cfg": args.cfg,
             "frames": args.frames,
+            "dtype": args.dtype,
         },
         "splits": {},
     }
@@ -809,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         from lumos.pipeline import Pipeline
 
         try:
-            pipe = Pipeline.from_folder(args.model, device=args.device)
+            pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos eval: {e}") from None
         frames = args.frames or pipe.settings.frames

@@ -42,6 +42,7 @@ class PipelineSettings:
     steps: int = 50
     cfg_video: float = 15.0
     cfg_image: float = 16.0
+    top_p: float | None = None  # nucleus sampling of the codes (None: the full distribution)
     template: bool = False  # wrap captions in the official text template
     duration: int | None = None  # the duration token trained with (None: from the length asked)
     max_frames: int = 64
@@ -161,7 +162,7 @@ class Pipeline:
     def _sampler(self, steps: int | None, cfg: float | None, image: bool) -> SamplerConfig:
         s = self.settings
         g = cfg if cfg is not None else (s.cfg_image if image else s.cfg_video)
-        return SamplerConfig(steps=steps or s.steps, cfg=g)
+        return SamplerConfig(steps=steps or s.steps, cfg=g, top_p=s.top_p)
 
     def latent_frames(self, rgb_frames: int) -> int:
         if not 1 <= rgb_frames <= self.settings.max_frames:

@@ -226,7 +226,9 @@ class Worker:
             if given.shape[0] == 0:
                 given = None
         gen = torch.Generator(device=self.device).manual_seed(int(request["seed"]))
-        sampler = SamplerConfig(steps=int(request["steps"]), cfg=float(request["cfg"]))
+        sampler = SamplerConfig(
+            steps=int(request["steps"]), cfg=float(request["cfg"]), top_p=self.pipe.settings.top_p
+        )
         return EngineRequest(
             session_id=str(request["session_id"]),
             text_ids=None if text is None else list(text),
