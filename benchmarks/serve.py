@@ -59,6 +59,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lumos.devices import DTYPE_CHOICES
+
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "lumos" / "assets" / "fmnist"
 PROMPTS = [
     "a red sneaker moves left",
@@ -84,6 +86,20 @@ def _default_steps(model: str) -> int:
     if not model.startswith("random") and settings.is_file():
         return int(json.loads(settings.read_text()).get("steps", 8))
     return 8
+
+
+def _rates(fps: dict[str, dict[str, float]], sessions: list[int]) -> dict:
+    """frames_per_s per mode and N, the largest-vs-smallest N speedup per mode, and the
+    batching on/off gain per N (when both modes ran)."""
+    lo, hi = str(min(sessions)), str(max(sessions))
+    gain = None
+    if {"on", "off"} <= set(fps):
+        gain = {n: fps["on"][n] / fps["off"][n] for n in fps["on"]}
+    return {
+        "frames_per_s": fps,
+        _speedup_key(sessions): {m: fps[m][hi] / fps[m][lo] for m in fps},
+        "batching_gain": gain,
+    }
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -114,9 +130,8 @@ def run_engine_only(args) -> dict:
     from lumos.pipeline import Pipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     pipe = Pipeline.from_folder(
-        None if args.model == "bundled" else args.model, device=device, dtype=dtype
+        None if args.model == "bundled" else args.model, device=device, dtype=args.dtype
     )
     s = pipe.settings
     cfg = s.cfg_video if args.cfg is None else args.cfg
@@ -175,7 +190,6 @@ def run_engine_only(args) -> dict:
                         f"frames/s ({dt:.2f} s, {fw} forwards)",
                         flush=True,
                     )
-    lo, hi = str(min(args.sessions)), str(max(args.sessions))
     head = "on" if "on" in fps else args.modes[0]
     return {
         "benchmark": "serve",
@@ -189,13 +203,7 @@ def run_engine_only(args) -> dict:
         "sessions": args.sessions,
         "repeats": args.repeats,
         "max_batch": max_batch,
-        "frames_per_s": fps,
-        _speedup_key(args.sessions): {m: fps[m][hi] / fps[m][lo] for m in fps},
-        "batching_gain": (
-            {n: fps["on"][n] / fps["off"][n] for n in fps["on"]}
-            if {"on", "off"} <= set(fps)
-            else None
-        ),
+        **_rates(fps, args.sessions),
         "headline_mode": head,
         "ttff_p50_ms": _pct([x for v in ttff[head].values() for x in v], 50),
         "ttff_p50_ms_by": {m: {k: _pct(v, 50) for k, v in d.items()} for m, d in ttff.items()},
@@ -416,6 +424,7 @@ def run_stack(args) -> dict:
                 worker_resources=None if cuda else {"num_cpus": max(1, args.threads)},
                 max_batch=max(args.sessions),
                 batching=MODES[mode],
+                dtype=args.dtype,
                 session_idle_s=600.0,
                 limits=Limits(max_sessions=max(32, 2 * max(args.sessions))),
             )
@@ -482,13 +491,7 @@ def run_stack(args) -> dict:
         "sessions": args.sessions,
         "repeats": args.repeats,
         "max_batch": max(args.sessions),
-        "frames_per_s": fps,
-        _speedup_key(args.sessions): {m: fps[m][hi] / fps[m][lo] for m in fps},
-        "batching_gain": (
-            {n: fps["on"][n] / fps["off"][n] for n in fps["on"]}
-            if {"on", "off"} <= set(fps)
-            else None
-        ),
+        **_rates(fps, args.sessions),
         "frames_per_s_cold": fps_cold,
         _speedup_key(args.sessions) + "_cold": {
             m: fps_cold[m][hi] / fps_cold[m][lo] for m in fps_cold
@@ -566,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batching", default="on,off", help="modes to run: on, off or on,off")
     p.add_argument("--engine-only", action="store_true", help="drive Engine directly, no Ray/API")
     p.add_argument("--device", default=None, help="engine-only: cpu or cuda (default: cuda if any)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--repeats", type=int, default=1, help="rounds per N; frames/s is the best")
     p.add_argument("--timeout", type=float, default=600.0, help="per round, seconds")
     p.add_argument("--json", default=None)

@@ -77,9 +77,9 @@ def test_pipeline_settings_carry_the_sampling_defaults():
     assert (settings.steps, settings.cfg_video, settings.top_p) == (12, 7.5, 0.8)
     pipe = Pipeline.from_folder("random")
     pipe.settings = settings
-    video = pipe._sampler(None, None, image=False)
+    video = pipe.sampler_config(None, None, image=False)
     assert (video.steps, video.cfg, video.top_p) == (12, 7.5, 0.8)
-    assert pipe._sampler(3, 2.0, image=True).cfg == 2.0
+    assert pipe.sampler_config(3, 2.0, image=True).cfg == 2.0
     assert PipelineSettings().top_p is None  # the full distribution unless a folder says
 
 

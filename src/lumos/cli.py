@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lumos.devices import DTYPE_CHOICES
+
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16"],
+        choices=DTYPE_CHOICES,
         help="auto: bfloat16 on GPUs and AMX CPUs, else float32",
     )
     g.add_argument("-q", "--quiet", action="store_true")

@@ -54,6 +54,7 @@ from lumos.data import (
     load_fashion_mnist,
     make_clip,
 )
+from lumos.devices import DTYPE_CHOICES
 
 __all__ = [
     "CLASSIFIER_DIR",
@@ -759,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: model's)")
     p.add_argument("--frames", type=int, default=None, help="RGB frames (default: model's)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
     p.add_argument("--real-only", action="store_true", help="score real clips only, no model")
     p.add_argument("--classifier", default=None, help="classifier folder (default: bundled)")

@@ -159,7 +159,10 @@ class Pipeline:
         s = self.settings
         return s.duration if s.duration else max(1, round(rgb_frames / s.fps))
 
-    def _sampler(self, steps: int | None, cfg: float | None, image: bool) -> SamplerConfig:
+    def sampler_config(
+        self, steps: int | None = None, cfg: float | None = None, image: bool = False
+    ) -> SamplerConfig:
+        """The folder's sampling defaults (pipeline.json) with steps / cfg overridden."""
         s = self.settings
         g = cfg if cfg is not None else (s.cfg_image if image else s.cfg_video)
         return SamplerConfig(steps=steps or s.steps, cfg=g, top_p=s.top_p)
@@ -204,7 +207,7 @@ class Pipeline:
         text = self.text_ids(prompt, rgb_frames or s.frames, fps)
         g = torch.Generator(device=self.device).manual_seed(seed)
         req = VideoRequest(text, n_latent, given=given, duration=duration, fps=fps, generator=g)
-        sc = self._sampler(steps, cfg, image)
+        sc = self.sampler_config(steps, cfg, image)
         return generate(self.model, self.layout, [req], sc, on_frame=on_frame)[0]
 
     def text_to_image(self, prompt: str, **kw) -> Tensor:

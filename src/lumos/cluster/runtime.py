@@ -17,6 +17,8 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from lumos.devices import DTYPE_CHOICES
+
 WORKER_PREFIX = "worker-"
 SESSION_PREFIX = "session:"
 
@@ -78,7 +80,7 @@ class ServeConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.session_idle_s <= 0:
             raise ValueError(f"session_idle_s must be > 0, got {self.session_idle_s}")

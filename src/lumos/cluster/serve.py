@@ -20,6 +20,7 @@ import threading
 
 from lumos.cluster import runtime
 from lumos.cluster.runtime import ServeConfig
+from lumos.devices import DTYPE_CHOICES
 
 
 def _gpu_count() -> int:
@@ -54,7 +55,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16"],
+        choices=DTYPE_CHOICES,
         help="inference dtype (auto: bfloat16 on GPUs and AMX CPUs, else float32)",
     )
     a = p.parse_args(argv)
@@ -91,7 +92,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", default="lumos")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--kv-budget-bytes", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     a = p.parse_args(argv)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -213,7 +213,6 @@ class Worker:
     def _engine_request(self, request: dict):
         import torch
 
-        from lumos.config import SamplerConfig
         from lumos.engine import EngineRequest
 
         fps, duration = int(request.get("fps", 8)), int(request.get("duration", 1))
@@ -226,9 +225,7 @@ class Worker:
             if given.shape[0] == 0:
                 given = None
         gen = torch.Generator(device=self.device).manual_seed(int(request["seed"]))
-        sampler = SamplerConfig(
-            steps=int(request["steps"]), cfg=float(request["cfg"]), top_p=self.pipe.settings.top_p
-        )
+        sampler = self.pipe.sampler_config(int(request["steps"]), float(request["cfg"]))
         return EngineRequest(
             session_id=str(request["session_id"]),
             text_ids=None if text is None else list(text),

@@ -221,9 +221,7 @@ class StreamingDecoder:
 
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """Commit one latent frame ``[h, w]``; return its new RGB frames uint8 ``[n, H, W, 3]``."""
-        window, new = self.stage(codes)
-        frames = self.tokenizer.decode(window)  # [1 + temporal*(k-1), H, W, 3]
-        return frames[-new:]
+        return decode_streams([self], [codes])[0]
 
 
 def decode_streams(
