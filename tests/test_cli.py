@@ -50,6 +50,24 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         main(["generate", "x", "-o", str(tmp_path / "x.avi"), "--model", "random"])
     with pytest.raises(SystemExit, match="--frames must be in"):
         main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", "random", "--frames", "0"])
+    out = tmp_path / "cold.gif"
+    args = ["generate", "x", "-o", str(out), "--model", "random", "--frames", "2", "--steps", "2"]
+    assert main([*args, "--temperature", "0.5", "--top-k", "4", "-q"]) == 0 and out.is_file()
+    with pytest.raises(SystemExit, match="temperature must be > 0"):
+        main(
+            [
+                "generate",
+                "x",
+                "-o",
+                str(tmp_path / "x.gif"),
+                "--model",
+                "random",
+                "--temperature",
+                "0",
+            ]
+        )
+    with pytest.raises(SystemExit, match="top_p must be in"):
+        main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", "random", "--top-p", "2"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", str(tmp_path / "none")])
 
@@ -73,12 +91,15 @@ def test_pipeline_t2i_t2v_extend_shapes():
 
 
 def test_pipeline_settings_carry_the_sampling_defaults():
-    settings = PipelineSettings.from_dict({"steps": 12, "cfg_video": 7.5, "top_p": 0.8, "x": 1})
+    settings = PipelineSettings.from_dict(
+        {"steps": 12, "cfg_video": 7.5, "top_p": 0.8, "top_k": 50, "temperature": 0.7, "x": 1}
+    )
     assert (settings.steps, settings.cfg_video, settings.top_p) == (12, 7.5, 0.8)
     pipe = Pipeline.from_folder("random")
     pipe.settings = settings
     video = pipe.sampler_config(None, None, image=False)
     assert (video.steps, video.cfg, video.top_p) == (12, 7.5, 0.8)
+    assert (video.top_k, video.temperature) == (50, 0.7)
     assert pipe.sampler_config(3, 2.0, image=True).cfg == 2.0
     assert PipelineSettings().top_p is None  # the full distribution unless a folder says
 

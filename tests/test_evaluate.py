@@ -140,12 +140,13 @@ def test_select_prompts():
 def test_main_random_end_to_end(tmp_path, capsys):
     path = tmp_path / "eval.json"
     argv = ["--model", "random", "--prompts", "2", "--steps", "2", "--frames", "4"]
-    rc = main([*argv, "--json", str(path), "-q"])
+    rc = main([*argv, "--json", str(path), "--temperature", "0.8", "-q"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "heldout" in out and "class" in out
     res = json.loads(path.read_text())
     assert res["classifier"]["test_accuracy"] >= 0.9
+    assert res["settings"]["temperature"] == 0.8
     assert set(res["splits"]) == {"seen", "heldout"}
     for r in res["splits"].values():
         for key in (
@@ -162,6 +163,12 @@ def test_main_random_end_to_end(tmp_path, capsys):
         assert r["colour_accuracy"] <= 0.25  # random weights: (near) nothing is found
         assert r["class_accuracy"] <= 0.25
         assert r["frechet_distance"] > 0
+
+
+def test_main_rejects_bad_sampling_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "random", "--prompts", "1", "--temperature", "-1", "-q"])
+    assert "temperature must be > 0" in capsys.readouterr().err
 
 
 def test_main_real_only(tmp_path):

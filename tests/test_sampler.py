@@ -181,6 +181,23 @@ def test_top_k_top_p_filters():
     assert torch.isfinite(y[0, 1]) and torch.isinf(y[0, [0, 3]]).all()
 
 
+def test_temperature_sharpens_the_code_distribution():
+    from lumos.sampler import _categorical, filter_logits
+
+    x = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.allclose(filter_logits(x, None, None, 0.5), 2 * x)
+    assert torch.equal(filter_logits(x, None, None, 1.0), x)
+    # with temperature the nucleus is taken from the sharpened distribution: 3.0 alone is > 0.5
+    assert torch.isinf(filter_logits(x, None, 0.5, 0.5)[0, [0, 2, 3]]).all()
+    g = _gen(0)
+    rows = torch.tensor([[0.0, 1.0, 0.5, -1.0]]).expand(4000, 4)
+    cold = _categorical(filter_logits(rows, None, None, 0.25).softmax(-1), g)
+    warm = _categorical(rows.softmax(-1), g)
+    assert (cold == 1).float().mean() > (warm == 1).float().mean() + 0.3
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplerConfig(temperature=0.0)
+
+
 def test_gumbel_noise_is_finite_and_gumbel_distributed():
     from lumos.sampler import _gumbel
 

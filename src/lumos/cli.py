@@ -26,6 +26,13 @@ def _generate(args: argparse.Namespace) -> int:
         args.model, device=args.device, tokenizer=args.tokenizer, dtype=args.dtype
     )
     s = pipe.settings
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    try:
+        pipe.sampler_config()
+    except ValueError as e:
+        raise SystemExit(f"lumos generate: {e}") from None
     if args.frames is not None:
         frames = args.frames
     else:
@@ -85,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", default=None, help="first frame (image-to-video)")
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    g.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
     g.add_argument("--tokenizer", default=None, help="visual tokenizer folder (official models)")
     g.add_argument("--device", default=None)
     g.add_argument(

@@ -149,6 +149,7 @@ class SamplerConfig:
     history_mask_ratio: float = 0.7  # AR-DF inference masking of committed frames
     top_k: int | None = None
     top_p: float | None = None
+    temperature: float = 1.0  # of the code distribution (after CFG); < 1 sharpens it
     reference_compat: bool = False  # reproduce the released code's compounding temperature
 
     def __post_init__(self) -> None:
@@ -162,6 +163,8 @@ class SamplerConfig:
             raise ValueError("top_k must be >= 1")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if not self.temperature > 0.0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)

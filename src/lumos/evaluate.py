@@ -759,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: model's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: model's)")
     p.add_argument("--frames", type=int, default=None, help="RGB frames (default: model's)")
+    p.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
@@ -804,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
             "cfg": args.cfg,
             "frames": args.frames,
             "dtype": args.dtype,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
         },
         "splits": {},
     }
@@ -815,6 +821,13 @@ def main(argv: list[str] | None = None) -> int:
             pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos eval: {e}") from None
+        for name in ("temperature", "top_p", "top_k"):
+            if getattr(args, name) is not None:
+                setattr(pipe.settings, name, getattr(args, name))
+        try:
+            pipe.sampler_config()
+        except ValueError as e:
+            p.error(str(e))
         frames = args.frames or pipe.settings.frames
         results["settings"]["frames"] = frames
         for s in splits:

@@ -43,6 +43,8 @@ class PipelineSettings:
     cfg_video: float = 15.0
     cfg_image: float = 16.0
     top_p: float | None = None  # nucleus sampling of the codes (None: the full distribution)
+    top_k: int | None = None  # sample among the k likeliest codes (None: all)
+    temperature: float = 1.0  # of the guided code distribution
     template: bool = False  # wrap captions in the official text template
     duration: int | None = None  # the duration token trained with (None: from the length asked)
     max_frames: int = 64
@@ -165,7 +167,9 @@ class Pipeline:
         """The folder's sampling defaults (pipeline.json) with steps / cfg overridden."""
         s = self.settings
         g = cfg if cfg is not None else (s.cfg_image if image else s.cfg_video)
-        return SamplerConfig(steps=steps or s.steps, cfg=g, top_p=s.top_p)
+        return SamplerConfig(
+            steps=steps or s.steps, cfg=g, top_p=s.top_p, top_k=s.top_k, temperature=s.temperature
+        )
 
     def latent_frames(self, rgb_frames: int) -> int:
         if not 1 <= rgb_frames <= self.settings.max_frames:

@@ -71,8 +71,12 @@ def combine_cfg(logits: Tensor, n_videos: int, scale: float, has_uncond: bool) -
     return lu + scale * (lc - lu)
 
 
-def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Top-k / nucleus filtering over the last dim (filtered entries -> -inf)."""
+def filter_logits(
+    logits: Tensor, top_k: int | None, top_p: float | None, temperature: float = 1.0
+) -> Tensor:
+    """Temperature, then top-k / nucleus filtering over the last dim (filtered -> -inf)."""
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -267,7 +271,7 @@ class VideoBatch:
         for s in range(cfg.steps):
             logits = self.frame_logits(blocks, codes, known)
             guided = combine_cfg(logits, self.b, cfg.cfg, self.has_uncond)
-            guided = filter_logits(guided, cfg.top_k, cfg.top_p)
+            guided = filter_logits(guided, cfg.top_k, cfg.top_p, cfg.temperature)
             if cfg.reference_compat:
                 self._tau_state *= 1.0 - (s + 1) / cfg.steps
                 tau = self._tau_state

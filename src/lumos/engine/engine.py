@@ -464,7 +464,7 @@ class Engine:
         if self.on_logits is not None:
             self.on_logits(sess.sid, sess.k, sess.s, logits)
         guided = combine_cfg(logits, 1, cfg.cfg, sess.has_uncond)  # [1, N, V]
-        guided = filter_logits(guided, cfg.top_k, cfg.top_p)
+        guided = filter_logits(guided, cfg.top_k, cfg.top_p, cfg.temperature)
         if cfg.reference_compat:
             sess.tau_state *= 1.0 - (sess.s + 1) / cfg.steps
             tau = sess.tau_state
