@@ -109,3 +109,14 @@ def test_subcommand_arguments_keep_their_order(tmp_path, capsys):
     args = ["train", "--preset", "tiny", "--data", str(tmp_path / "missing"), "--out", "x"]
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_set_sampling_overrides_and_rejects_without_change():
+    pipe = Pipeline.from_folder("random")
+    pipe.set_sampling(temperature=0.5, top_p=None, top_k=7)
+    assert (pipe.settings.temperature, pipe.settings.top_p, pipe.settings.top_k) == (0.5, None, 7)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        pipe.set_sampling(temperature=0.9, top_p=1.5)
+    assert (pipe.settings.temperature, pipe.settings.top_k) == (0.5, 7)  # nothing changed
+    with pytest.raises(TypeError, match="not sampling settings"):
+        pipe.set_sampling(steps=3)

@@ -25,14 +25,11 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_folder(
         args.model, device=args.device, tokenizer=args.tokenizer, dtype=args.dtype
     )
-    s = pipe.settings
-    for name in ("temperature", "top_p", "top_k"):
-        if getattr(args, name) is not None:
-            setattr(s, name, getattr(args, name))
     try:
-        pipe.sampler_config()
+        pipe.set_sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     except ValueError as e:
         raise SystemExit(f"lumos generate: {e}") from None
+    s = pipe.settings
     if args.frames is not None:
         frames = args.frames
     else:

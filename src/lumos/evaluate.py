@@ -821,11 +821,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos eval: {e}") from None
-        for name in ("temperature", "top_p", "top_k"):
-            if getattr(args, name) is not None:
-                setattr(pipe.settings, name, getattr(args, name))
         try:
-            pipe.sampler_config()
+            pipe.set_sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         except ValueError as e:
             p.error(str(e))
         frames = args.frames or pipe.settings.frames

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -170,6 +170,20 @@ class Pipeline:
         return SamplerConfig(
             steps=steps or s.steps, cfg=g, top_p=s.top_p, top_k=s.top_k, temperature=s.temperature
         )
+
+    def set_sampling(self, **overrides: float | int | None) -> None:
+        """Override the folder's `temperature` / `top_p` / `top_k` (None keeps a value);
+        ValueError names a bad value, and then nothing is changed."""
+        unknown = set(overrides) - {"temperature", "top_p", "top_k"}
+        if unknown:
+            raise TypeError(f"not sampling settings: {sorted(unknown)}")
+        new = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        old, self.settings = self.settings, new
+        try:
+            self.sampler_config()
+        except ValueError:
+            self.settings = old
+            raise
 
     def latent_frames(self, rgb_frames: int) -> int:
         if not 1 <= rgb_frames <= self.settings.max_frames:
