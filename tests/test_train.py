@@ -26,6 +26,7 @@ from lumos.train import (
     TrainConfig,
     build_parser,
     config_from_args,
+    grow_depth,
     lr_factor,
     main,
     make_optimizer,
@@ -309,3 +310,41 @@ def test_activation_checkpointing_and_other_schemes(videos, tmp_path):
     rnd = train(cfg.replace(scheme="random", rope="3d"), str(videos), None, str(tmp_path / "c"),
                 device="cpu", progress=False)  # fmt: skip
     assert all(np.isfinite(rnd["losses"]))
+
+
+def test_grow_depth_keeps_the_function_then_trains(videos, tmp_path):
+    from lumos.model import build_model
+
+    small = build_model(model_preset("tiny"), seed=3).eval()  # 2 layers
+    tokens = torch.randint(0, 300, (2, 20))  # [B, L]
+    positions = torch.randint(0, 6, (2, 3, 20))  # [B, 3, L]
+    for n in (2, 3, 5):
+        big = grow_depth(small, n).eval()
+        assert big.cfg.n_layers == n and len(big.layers) == n
+        with torch.no_grad():
+            torch.testing.assert_close(big(tokens, positions), small(tokens, positions))
+    big = grow_depth(small, 4)  # old layers at 0 and 2; new ones copy them, outputs zeroed
+    assert torch.equal(big.layers[2].mlp.up_proj.weight, small.layers[1].mlp.up_proj.weight)
+    q0, q1 = small.layers[0].self_attn.q_proj.weight, big.layers[1].self_attn.q_proj.weight
+    assert torch.equal(q0, q1)
+    assert not big.layers[1].self_attn.o_proj.weight.any()
+    assert not big.layers[3].mlp.down_proj.weight.any()
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_depth(small, 1)
+    with pytest.raises(ValueError, match="needs init_from"):
+        _tiny(grow_layers=3)
+
+    # `lumos train --init-from RUN --grow-layers 3`: the run starts at the same loss, then trains
+    base = train(_tiny(steps=2), str(videos), None, str(tmp_path / "a"), device="cpu",
+                 progress=False)  # fmt: skip
+    same = _tiny(steps=1, lr=1e-9, warmup_steps=0, init_from=str(tmp_path / "a" / "latest"))
+    ref = train(same, str(videos), None, str(tmp_path / "b"), device="cpu", progress=False)
+    common = ["--data", str(videos), "--device", "cpu", "--no-progress", "--preset", "tiny"]
+    rc = main([*common, "--out", str(tmp_path / "c"), "--steps", "1", "--lr", "1e-9",
+               "--warmup", "0", "--init-from", str(tmp_path / "a" / "latest"),
+               "--grow-layers", "3"])  # fmt: skip
+    assert rc == 0 and base["step"] == 2
+    grown, rep = load_model(tmp_path / "c" / "latest")
+    assert grown.cfg.n_layers == 3 and not rep.missing
+    first = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(ref["losses"][0], rel=1e-4)

@@ -95,6 +95,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes building batches
     peak_flops: float | None = None  # per-device peak FLOP/s: enables MFU in the logs
     init_from: str | None = None  # a model folder (ours or official) to start from
+    grow_layers: int = 0  # with init_from: deepen the loaded model to this many layers (0: keep)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -122,6 +123,10 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ValueError("peak_flops must be > 0")
+        if self.grow_layers < 0:
+            raise ValueError(f"grow_layers must be >= 0, got {self.grow_layers}")
+        if self.grow_layers and not self.init_from:
+            raise ValueError("grow_layers deepens a loaded model: it needs init_from")
 
     @property
     def diffusion(self) -> DiffusionConfig:
@@ -424,9 +429,35 @@ def _build_model(cfg: TrainConfig, dev: torch.device, resume_dir: Path | None) -
         model, rep = load_model(cfg.init_from, device=dev, rope=cfg.rope)
         if rep.unexpected:
             print(f"init_from: ignored {len(rep.unexpected)} unexpected keys", file=sys.stderr)
+        if cfg.grow_layers:
+            model = grow_depth(model, cfg.grow_layers)
     else:
         model = build_model(model_preset(cfg.model, rope=cfg.rope), device=dev, seed=cfg.seed)
     return model.float().train()
+
+
+@torch.no_grad()
+def grow_depth(model: Lumos, n_layers: int) -> Lumos:
+    """A deeper copy of `model` that computes the same function (function-preserving growth).
+
+    The old layers keep their order, spread evenly over `n_layers` slots; each new layer is a copy
+    of the old layer before it with its output projections (o_proj, down_proj) zeroed, so its
+    residual branches add nothing until training moves them."""
+    old = model.cfg.n_layers
+    if n_layers < old:
+        raise ValueError(f"cannot grow a {old}-layer model to {n_layers} layers")
+    dev = model.embed_tokens.weight.device
+    grown = build_model(model.cfg.replace(n_layers=n_layers), device=dev, init=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
+    prev = -1
+    for k in range(n_layers):
+        src = k * old // n_layers  # 0,0,1,2,2,3 for 4 -> 6
+        for name, t in model.layers[src].state_dict().items():
+            fresh = src == prev and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+            state[f"layers.{k}.{name}"] = torch.zeros_like(t) if fresh else t.clone()
+        prev = src
+    grown.load_state_dict(state)
+    return grown.to(model.embed_tokens.weight.dtype).train(model.training)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -872,6 +903,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-flops", type=float, help="per-device peak FLOP/s (logs MFU)")
     p.add_argument("--init-from", help="model folder to start from (ours or official)")
     p.add_argument(
+        "--grow-layers",
+        type=int,
+        help="with --init-from: deepen the model to N layers (new layers start as identities)",
+    )
+    p.add_argument(
         "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -896,6 +932,7 @@ _FLAG_FIELDS = (
     "num_workers",
     "peak_flops",
     "init_from",
+    "grow_layers",
     "activation_checkpointing",
     "compile",
     "bf16",
