@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
-        help="auto: bfloat16 on GPUs and AMX CPUs, else float32",
+        help="auto: bfloat16 on GPUs and CPUs with hardware bf16 (AVX512-BF16, AMX), else float32",
     )
     g.add_argument("-q", "--quiet", action="store_true")
 

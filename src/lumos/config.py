@@ -111,7 +111,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         rope_scales=(1, 8, 8),
     ),
     # the bundled Moving Fashion-MNIST model (64x64 frames, 8x8 latent grid, per-frame tokenizer),
-    # sized to train on the 2-core CPU in about an hour
+    # sized to train on the 2-core CPU in about an hour (the shipped weights were grown to 6
+    # layers by `lumos train --grow-layers 6` in stage 4; see docs/MODEL_CARD.md)
     "fmnist": ModelConfig(
         dim=192,
         n_layers=4,

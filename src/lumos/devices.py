@@ -18,18 +18,20 @@ _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 
 @cache
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX-BF16): there
-    bfloat16 inference is 2-6x faster than float32; elsewhere it is emulated and slower."""
+    """Whether this CPU multiplies bfloat16 matrices in hardware: AVX512-BF16 dot products
+    (e.g. AMD Zen 4, Intel Cooper Lake; 3.5-4x float32 matmul throughput measured on an EPYC)
+    or AMX-BF16 tiles (Intel Sapphire Rapids on: 2-6x). Elsewhere bfloat16 is emulated and
+    slower than float32."""
     import torch
 
     try:
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # an older torch: ask the kernel
         try:
-            flags = Path("/proc/cpuinfo").read_text()
+            flags = Path("/proc/cpuinfo").read_text().split()
         except OSError:
             return False
-        return "amx_bf16" in flags
+        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:

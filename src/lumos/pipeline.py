@@ -86,7 +86,7 @@ class Pipeline:
         dtype: torch.dtype | str | None = None,
     ) -> Pipeline:
         """Load ours (default: the bundled model) or an official checkpoint folder. dtype None or
-        "auto": bfloat16 on CUDA and on CPUs with AMX-BF16 matrix units, else float32
+        "auto": bfloat16 on CUDA and on CPUs with hardware bf16 (AVX512-BF16 or AMX), else float32
         (`resolve_dtype`). "random" / "random:<preset>" (random weights, for tests) stay float32
         unless a dtype is named."""
         if str(folder).startswith("random"):  # "random" or "random:<model preset>"

@@ -1,7 +1,7 @@
 """Training with the AR-DF objective (method.md section 5): data order, loop, logs, checkpoints.
 
 Recipe: AdamW (0.9, 0.95), weight decay 0.1 (not on norms and biases), grad clip 4.0, a linear
-warm-up then a constant LR (or a cosine/linear decay, `--decay`), bf16 autocast (CUDA, AMX CPUs)
+warm-up then a constant LR (or a cosine/linear decay, `--decay`), bf16 autocast (CUDA, bf16 CPUs)
 with fp32 master weights, optional activation checkpointing and `torch.compile` per layer, DDP
 under `torchrun`. Joint training alternates image batches and video batches on a fixed step
 schedule: a cycle of `image_steps` image batches then `video_steps` video batches (the released
@@ -91,7 +91,7 @@ class TrainConfig:
     image_fps: int = 1
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
-    bf16: bool = True  # bf16 autocast on CUDA and AMX CPUs (weights and optimizer stay fp32)
+    bf16: bool = True  # bf16 autocast on CUDA and bf16 CPUs (weights and optimizer stay fp32)
     num_workers: int = 0  # DataLoader worker processes building batches
     peak_flops: float | None = None  # per-device peak FLOP/s: enables MFU in the logs
     init_from: str | None = None  # a model folder (ours or official) to start from
@@ -756,7 +756,7 @@ def train(
         dynamic_ncols=True,
     )
 
-    # bf16 autocast on CUDA, and on CPUs that multiply bf16 matrices in hardware (AMX)
+    # bf16 autocast on CUDA, and on CPUs that multiply bf16 matrices in hardware (AVX512-BF16, AMX)
     use_bf16 = cfg.bf16 and (dev.type == "cuda" or (dev.type == "cpu" and cpu_has_fast_bf16()))
     losses: list[float] = []
     steps_done: list[int] = []

@@ -56,7 +56,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
-        help="inference dtype (auto: bfloat16 on GPUs and AMX CPUs, else float32)",
+        help="inference dtype (auto: bfloat16 on GPUs and bf16 CPUs: AVX512-BF16, AMX)",
     )
     a = p.parse_args(argv)
     workers = a.workers if a.workers is not None else max(1, _gpu_count())
