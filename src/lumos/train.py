@@ -446,18 +446,18 @@ def grow_depth(model: Lumos, n_layers: int) -> Lumos:
     old = model.cfg.n_layers
     if n_layers < old:
         raise ValueError(f"cannot grow a {old}-layer model to {n_layers} layers")
-    dev = model.embed_tokens.weight.device
-    grown = build_model(model.cfg.replace(n_layers=n_layers), device=dev, init=False)
+    w = model.embed_tokens.weight
+    cfg = model.cfg.replace(n_layers=n_layers)
+    grown = build_model(cfg, device=w.device, dtype=w.dtype, init=False)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
-    prev = -1
     for k in range(n_layers):
         src = k * old // n_layers  # 0,0,1,2,2,3 for 4 -> 6
+        new = k > 0 and src == (k - 1) * old // n_layers  # a second slot of the same old layer
         for name, t in model.layers[src].state_dict().items():
-            fresh = src == prev and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-            state[f"layers.{k}.{name}"] = torch.zeros_like(t) if fresh else t.clone()
-        prev = src
-    grown.load_state_dict(state)
-    return grown.to(model.embed_tokens.weight.dtype).train(model.training)
+            zero = new and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+            state[f"layers.{k}.{name}"] = torch.zeros_like(t) if zero else t
+    grown.load_state_dict(state)  # copies into the grown model's own tensors
+    return grown.train(model.training)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
