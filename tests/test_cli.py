@@ -70,6 +70,12 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", "random", "--top-p", "2"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", str(tmp_path / "none")])
+    bad = ["generate", "x", "-o", str(tmp_path / "x.gif"), "--model", "random"]
+    with pytest.raises(SystemExit, match="history_mask_ratio must be in"):
+        main([*bad, "--history-mask", "1.5"])
+    with pytest.raises(SystemExit, match="tau0 must be >= 0"):
+        main([*bad, "--tau0", "-1"])
+    assert main([*args, "--tau0", "0", "--history-mask", "0.5", "-q"]) == 0
 
 
 def test_console_script_help():
@@ -102,6 +108,10 @@ def test_pipeline_settings_carry_the_sampling_defaults():
     assert (video.top_k, video.temperature) == (50, 0.7)
     assert pipe.sampler_config(3, 2.0, image=True).cfg == 2.0
     assert PipelineSettings().top_p is None  # the full distribution unless a folder says
+    assert (video.tau0, video.history_mask_ratio) == (1.0, 0.7)  # method.md's defaults
+    pipe.settings = PipelineSettings.from_dict({"tau0": 0.3, "history_mask": 0.5})
+    video = pipe.sampler_config(None, None)
+    assert (video.tau0, video.history_mask_ratio) == (0.3, 0.5)
 
 
 def test_subcommand_arguments_keep_their_order(tmp_path, capsys):
@@ -120,3 +130,11 @@ def test_set_sampling_overrides_and_rejects_without_change():
     assert (pipe.settings.temperature, pipe.settings.top_k) == (0.5, 7)  # nothing changed
     with pytest.raises(TypeError, match="not sampling settings"):
         pipe.set_sampling(steps=3)
+    pipe.set_sampling(tau0=0.0, history_mask=0.4)
+    sc = pipe.sampler_config()
+    assert (sc.tau0, sc.history_mask_ratio, sc.temperature) == (0.0, 0.4, 0.5)
+    with pytest.raises(ValueError, match="history_mask_ratio must be in"):
+        pipe.set_sampling(history_mask=1.0)
+    with pytest.raises(ValueError, match="tau0 must be >= 0"):
+        pipe.set_sampling(tau0=-0.5)
+    assert (pipe.settings.tau0, pipe.settings.history_mask) == (0.0, 0.4)  # nothing changed

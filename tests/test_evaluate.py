@@ -140,13 +140,27 @@ def test_select_prompts():
 def test_main_random_end_to_end(tmp_path, capsys):
     path = tmp_path / "eval.json"
     argv = ["--model", "random", "--prompts", "2", "--steps", "2", "--frames", "4"]
-    rc = main([*argv, "--json", str(path), "--temperature", "0.8", "-q"])
+    rc = main(
+        [
+            *argv,
+            "--json",
+            str(path),
+            "--temperature",
+            "0.8",
+            "--tau0",
+            "0.5",
+            "--history-mask",
+            "0.6",
+            "-q",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "heldout" in out and "class" in out
     res = json.loads(path.read_text())
     assert res["classifier"]["test_accuracy"] >= 0.9
     assert res["settings"]["temperature"] == 0.8
+    assert (res["settings"]["tau0"], res["settings"]["history_mask"]) == (0.5, 0.6)
     assert set(res["splits"]) == {"seen", "heldout"}
     for r in res["splits"].values():
         for key in (
@@ -169,6 +183,9 @@ def test_main_rejects_bad_sampling_flags(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "random", "--prompts", "1", "--temperature", "-1", "-q"])
     assert "temperature must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "random", "--prompts", "1", "--history-mask", "0.99999", "--tau0", "-2"])
+    assert "tau0 must be >= 0" in capsys.readouterr().err
 
 
 def test_main_real_only(tmp_path):

@@ -26,7 +26,13 @@ def _generate(args: argparse.Namespace) -> int:
         args.model, device=args.device, tokenizer=args.tokenizer, dtype=args.dtype
     )
     try:
-        pipe.set_sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        pipe.set_sampling(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            tau0=args.tau0,
+            history_mask=args.history_mask,
+        )
     except ValueError as e:
         raise SystemExit(f"lumos generate: {e}") from None
     s = pipe.settings
@@ -92,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
     g.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
+    g.add_argument("--tau0", type=float, default=None, help="MaskGIT confidence noise (model's)")
+    g.add_argument(
+        "--history-mask",
+        type=float,
+        default=None,
+        help="AR-DF inference masking of committed frames, in [0, 1) (model's)",
+    )
     g.add_argument("--tokenizer", default=None, help="visual tokenizer folder (official models)")
     g.add_argument("--device", default=None)
     g.add_argument(

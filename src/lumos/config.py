@@ -158,6 +158,8 @@ class SamplerConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.cfg < 0:
             raise ValueError(f"cfg must be >= 0, got {self.cfg}")
+        if not self.tau0 >= 0.0:
+            raise ValueError(f"tau0 must be >= 0, got {self.tau0}")
         if not 0.0 <= self.history_mask_ratio < 1.0:
             raise ValueError("history_mask_ratio must be in [0, 1)")
         if self.top_k is not None and self.top_k < 1:

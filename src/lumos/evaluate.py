@@ -762,6 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
+    p.add_argument("--tau0", type=float, default=None, help="MaskGIT confidence noise (model's)")
+    p.add_argument(
+        "--history-mask",
+        type=float,
+        default=None,
+        help="AR-DF inference masking of committed frames, in [0, 1) (model's)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
@@ -810,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": args.temperature,
             "top_p": args.top_p,
             "top_k": args.top_k,
+            "tau0": args.tau0,
+            "history_mask": args.history_mask,
         },
         "splits": {},
     }
@@ -822,7 +831,13 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos eval: {e}") from None
         try:
-            pipe.set_sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+            pipe.set_sampling(
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                tau0=args.tau0,
+                history_mask=args.history_mask,
+            )
         except ValueError as e:
             p.error(str(e))
         frames = args.frames or pipe.settings.frames

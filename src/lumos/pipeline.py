@@ -45,6 +45,8 @@ class PipelineSettings:
     top_p: float | None = None  # nucleus sampling of the codes (None: the full distribution)
     top_k: int | None = None  # sample among the k likeliest codes (None: all)
     temperature: float = 1.0  # of the guided code distribution
+    tau0: float = 1.0  # Gumbel temperature of the MaskGIT confidence (decays within a frame)
+    history_mask: float = 0.7  # AR-DF inference masking of committed frames (rho_inf)
     template: bool = False  # wrap captions in the official text template
     duration: int | None = None  # the duration token trained with (None: from the length asked)
     max_frames: int = 64
@@ -168,13 +170,19 @@ class Pipeline:
         s = self.settings
         g = cfg if cfg is not None else (s.cfg_image if image else s.cfg_video)
         return SamplerConfig(
-            steps=steps or s.steps, cfg=g, top_p=s.top_p, top_k=s.top_k, temperature=s.temperature
+            steps=steps or s.steps,
+            cfg=g,
+            tau0=s.tau0,
+            history_mask_ratio=s.history_mask,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            temperature=s.temperature,
         )
 
     def set_sampling(self, **overrides: float | int | None) -> None:
-        """Override the folder's `temperature` / `top_p` / `top_k` (None keeps a value);
-        ValueError names a bad value, and then nothing is changed."""
-        unknown = set(overrides) - {"temperature", "top_p", "top_k"}
+        """Override the folder's `temperature` / `top_p` / `top_k` / `tau0` / `history_mask`
+        (None keeps a value); ValueError names a bad value, and then nothing is changed."""
+        unknown = set(overrides) - {"temperature", "top_p", "top_k", "tau0", "history_mask"}
         if unknown:
             raise TypeError(f"not sampling settings: {sorted(unknown)}")
         new = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
