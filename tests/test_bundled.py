@@ -41,6 +41,9 @@ def test_bundled_pipeline_generates_video_and_image():
     pipe = Pipeline.from_folder()
     meta = json.loads((BUNDLED / "model" / "config.json").read_text())
     assert meta["model"]["vocab"] == pipe.model.cfg.vocab
+    # sampling defaults chosen on seen prompts (docs/MODEL_CARD.md): CFG 4, no confidence noise
+    sc = pipe.sampler_config()
+    assert (sc.cfg, sc.tau0, sc.history_mask_ratio) == (4.0, 0.0, 0.7)
     video = pipe.text_to_video("a red sneaker moves left slowly", frames=3, steps=4, seed=1)
     assert video.shape == (3, 64, 64, 3) and video.dtype == torch.uint8
     image = pipe.text_to_image("a blue bag", steps=4)
