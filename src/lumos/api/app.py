@@ -407,10 +407,18 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         workers = await call(cluster(request).workers())
         return {"status": "ok", "workers": jsonable_encoder(list(workers))}
 
+    model_name = str(getattr(cfg if cfg is not None else client, "model", None) or "bundled")
+
     @app.get("/api/config")
     async def config() -> dict[str, Any]:
-        """The input limits of this server (the viewer reads them)."""
-        return {"limits": limits.as_dict(), "model": getattr(cfg, "model", None)}
+        """The input limits of this server and its model (the viewer reads them): model_name is
+        a folder, "bundled", or "random[:preset]"; random_weights true means it serves noise."""
+        return {
+            "limits": limits.as_dict(),
+            "model": getattr(cfg, "model", None),
+            "model_name": model_name,
+            "random_weights": model_name.startswith("random"),
+        }
 
     # -- sessions ----------------------------------------------------------------------------
 
