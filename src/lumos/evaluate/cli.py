@@ -1,0 +1,163 @@
+"""``lumos eval``: score a model (or real clips) on the evaluation prompts; a text table, JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lumos.devices import DTYPE_CHOICES
+from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
+from lumos.evaluate.run import evaluate, evaluate_real
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A text table of ``{row name: evaluate() result}``."""
+    cols = [
+        ("clips", "n_clips"),
+        ("class", "class_accuracy"),
+        ("colour", "colour_accuracy"),
+        ("direction", "direction_accuracy"),
+        ("identity", "identity_consistency"),
+        ("all", "all_correct"),
+        ("FD items", "frechet_distance"),
+        ("FD frames", "frechet_distance_frames"),
+    ]
+    rows = [["split", *(c for c, _ in cols)]]
+    for name, r in results.items():
+        rows.append([name, *(_fmt(r.get(k)) for _, k in cols)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(wd) for cell, wd in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lumos eval``: score a model (or real clips) on the evaluation prompts."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(
+        prog="lumos eval", description="evaluate a model on Moving Fashion-MNIST prompts"
+    )
+    p.add_argument("--model", default=None, help="model folder, or 'random' (default: bundled)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--split", default="seen,heldout", help="comma list of seen, heldout")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per split (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="clips (seeds) per prompt")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: model's)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: model's)")
+    p.add_argument("--frames", type=int, default=None, help="RGB frames (default: model's)")
+    p.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
+    p.add_argument("--tau0", type=float, default=None, help="MaskGIT confidence noise (model's)")
+    p.add_argument(
+        "--history-mask",
+        type=float,
+        default=None,
+        help="AR-DF inference masking of committed frames, in [0, 1) (model's)",
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
+    p.add_argument("--real-only", action="store_true", help="score real clips only, no model")
+    p.add_argument("--classifier", default=None, help="classifier folder (default: bundled)")
+    p.add_argument(
+        "--train-classifier", action="store_true", help="(re)train the classifier and exit"
+    )
+    p.add_argument("--epochs", type=int, default=3, help="epochs for --train-classifier")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+    if args.train_classifier:
+        meta = train_classifier(args.classifier or CLASSIFIER_DIR, args.epochs, args.seed, log=log)
+        print(f"classifier t10k test accuracy: {meta['test_accuracy']:.4f}")
+        return 0
+
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    for s in splits:
+        if s not in ("seen", "heldout"):
+            p.error(f"--split: unknown split {s!r} (use seen, heldout)")
+    if args.prompts is not None and args.prompts < 1:
+        p.error("--prompts must be >= 1")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    try:
+        classifier = load_classifier(args.classifier)
+    except FileNotFoundError as e:
+        raise SystemExit(f"lumos eval: {e}") from None
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results: dict[str, Any] = {
+        "classifier": {
+            "test_accuracy": classifier.meta.get("test_accuracy"),
+            "path": str(Path(args.classifier) if args.classifier else CLASSIFIER_DIR),
+        },
+        "model": args.model or "bundled",
+        "settings": {
+            "splits": splits,
+            "prompts": args.prompts,
+            "seeds": seeds,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "frames": args.frames,
+            "dtype": args.dtype,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "tau0": args.tau0,
+            "history_mask": args.history_mask,
+        },
+        "splits": {},
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    if not args.real_only:
+        from lumos.pipeline import Pipeline
+
+        try:
+            pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"lumos eval: {e}") from None
+        try:
+            pipe.set_sampling(
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                tau0=args.tau0,
+                history_mask=args.history_mask,
+            )
+        except ValueError as e:
+            p.error(str(e))
+        frames = args.frames or pipe.settings.frames
+        results["settings"]["frames"] = frames
+        for s in splits:
+            r = evaluate(
+                pipe, s, args.prompts, seeds, frames, args.steps, args.cfg, classifier, log
+            )
+            results["splits"][s] = r
+            rows[s] = r
+    if args.real or args.real_only:
+        frames = results["settings"]["frames"] or 16
+        results["real"] = {}
+        for s in splits:
+            r = evaluate_real(s, args.prompts, seeds, frames, classifier, log)
+            results["real"][s] = r
+            rows[f"real {s}"] = r
+    print(f"classifier t10k accuracy: {_fmt(results['classifier']['test_accuracy'])}")
+    print(format_table(rows))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+    return 0
