@@ -105,6 +105,7 @@ class Worker:
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._decoders: dict[str, Any] = {}  # session id -> StreamingDecoder; engine thread only
         self._active: dict[str, int] = {}  # session id -> open run() calls (event loop only)
+        self._step_seconds = 0.0  # wall time spent in engine.step() (the step-latency metric)
         self._load = self._snapshot()
         self._stopped = False
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="lumos-io")  # PNG in, PNG out
@@ -137,8 +138,10 @@ class Worker:
                 self._load = self._snapshot()
             if self.engine.has_work:
                 try:
+                    started = time.perf_counter()
                     events = self.engine.step()
                     committed_at = time.time()
+                    self._step_seconds += time.perf_counter() - started
                     events = [ev for ev in events if ev.session_id in self._streams]
                     rgb = self._pixels(events)
                 except Exception as e:  # a broken step: fail every request, start clean
@@ -206,6 +209,7 @@ class Worker:
             "kv_budget_bytes": st["kv_budget_bytes"],
             "frames": st["frames"],
             "steps": st["steps"],
+            "step_seconds": self._step_seconds,
             "cached_sessions": st["pool"]["sessions"],
         }
 
