@@ -4,7 +4,10 @@ Our format: `config.json` ({"format": "lumos", "model": ModelConfig fields, ...}
 `model.safetensors` with our parameter names. Official: a HF Chameleon folder (`config.json` with
 vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
 intermediate_size, rope_theta, rms_norm_eps, mm_rope; one or more `*.safetensors` shards with the
-HF key names of method.md section 6). Loading reports missing, unexpected and ignored keys.
+HF key names of method.md section 6; q/k norms as [heads, head_dim], [head_dim] or the
+released converter's [model_parallel_size, head_dim]). Config values the decoder does not
+implement are refused, naming the key; strict loading refuses missing and unexpected keys
+(Chameleon's `model.vqmodel.*` and `model.vocabulary_mapping.*` are known extras, ignored).
 """
 
 from __future__ import annotations
@@ -19,8 +22,20 @@ from safetensors.torch import save_file
 
 from lumos.config import ModelConfig
 from lumos.model import Lumos, build_model
+from lumos.sequence import vocab_spec
 
 IGNORED_PREFIXES = ("model.vqmodel.", "model.vocabulary_mapping.")  # Chameleon's image VQ
+
+# Chameleon config values this decoder does not implement: (key, the value we implement, why).
+# A checkpoint asking for anything else is refused rather than run through the wrong network.
+_UNSUPPORTED: tuple[tuple[str, object, str], ...] = (
+    ("swin_norm", False, "post-norm (Swin) blocks are not implemented; only pre-norm"),
+    ("attention_bias", False, "attention projections have no bias here"),
+    ("mlp_bias", False, "MLP projections have no bias here"),
+    ("tie_word_embeddings", False, "the decoder has an untied lm_head"),
+    ("rope_scaling", None, "RoPE scaling is not implemented"),
+)
+_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass
@@ -29,9 +44,19 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
-    def raise_if_incomplete(self) -> None:
+    def problems(self) -> list[str]:
+        """Every reason the checkpoint does not fit the model, all at once."""
+        out = []
         if self.missing:
-            raise ValueError(f"checkpoint is missing {len(self.missing)} keys: {self.missing[:8]}")
+            out.append(f"{len(self.missing)} missing keys: {', '.join(self.missing)}")
+        if self.unexpected:
+            out.append(f"{len(self.unexpected)} unexpected keys: {', '.join(self.unexpected)}")
+        return out
+
+    def raise_if_incomplete(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
 
 
 def save_model(model: Lumos, folder: str | Path, extra: dict | None = None) -> None:
@@ -54,8 +79,22 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def check_hf_config(hf: dict) -> None:
+    """Refuse, naming the key, every Chameleon config value the decoder does not implement."""
+    bad = []
+    for key, ours, why in _UNSUPPORTED:
+        if key in hf and hf[key] != ours and not (ours is False and hf[key] is None):
+            bad.append(f"{key}={json.dumps(hf[key])} ({why})")
+    act = hf.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        bad.append(f"hidden_act={json.dumps(act)} (only SiLU / SwiGLU is implemented)")
+    if bad:
+        raise ValueError("unsupported Chameleon config.json: " + "; ".join(bad))
+
+
 def config_from_hf(hf: dict, vocab: str = "official", **overrides) -> ModelConfig:
-    """ModelConfig from a HF Chameleon config.json dict."""
+    """ModelConfig from a HF Chameleon config.json dict (refusing what we do not implement)."""
+    check_hf_config(hf)
     try:
         kw = dict(
             dim=hf["hidden_size"],
@@ -94,6 +133,20 @@ def _hf_to_ours(key: str) -> str | None:
     return None
 
 
+def _fit_head_norm(t: torch.Tensor, dst: torch.Tensor) -> torch.Tensor | None:
+    """A q/k-norm tensor stored [head_dim] (shared) or [mp, head_dim] (the released converter:
+    one row per model-parallel rank, repeated over that rank's heads) -> dst's [heads, head_dim];
+    None when it cannot be."""
+    if dst.dim() != 2 or t.shape[-1] != dst.shape[1]:
+        return None
+    if t.dim() == 1:
+        return t.expand_as(dst)
+    mp, heads = t.shape[0], dst.shape[0]
+    if t.dim() == 2 and heads % mp == 0:
+        return t.repeat_interleave(heads // mp, dim=0)  # rank r's row -> its heads
+    return None
+
+
 def load_into(model: Lumos, folder: str | Path, hf_names: bool) -> LoadReport:
     """Copy every tensor of the folder's safetensors into the model (in its dtype/device)."""
     folder = Path(folder)
@@ -114,17 +167,20 @@ def load_into(model: Lumos, folder: str | Path, hf_names: bool) -> LoadReport:
                     t = f.get_tensor(key)
                     dst = params[name]
                     if t.shape != dst.shape:
-                        if t.dim() == 1 and dst.dim() == 2 and t.shape[0] == dst.shape[1]:
-                            t = t.expand_as(dst)  # q/k norm shared across heads
-                        else:
+                        fitted = _fit_head_norm(t, dst) if name.endswith(_NORM_SUFFIXES) else None
+                        if fitted is None:
                             raise ValueError(
                                 f"{key}: checkpoint shape {tuple(t.shape)} != model "
                                 f"{tuple(dst.shape)}"
                             )
+                        t = fitted
                     dst.copy_(t.to(dst.dtype))
                     seen.add(name)
     rep.missing = sorted(set(params) - seen)
     return rep
+
+
+_NORM_SUFFIXES = ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias")
 
 
 def load_model(
@@ -135,15 +191,21 @@ def load_model(
     strict: bool = True,
     **overrides,
 ) -> tuple[Lumos, LoadReport]:
-    """Load our folder or an official Chameleon folder; returns (model in eval mode, report)."""
+    """Load our folder or an official Chameleon folder; returns (model in eval mode, report).
+
+    strict: every parameter must be in the checkpoint and every checkpoint key must be a
+    parameter (or a known extra, IGNORED_PREFIXES); all problems are reported at once."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     raw = read_config(folder)
     if raw.get("format") == "lumos":
         cfg = ModelConfig.from_dict(raw["model"])
-        if overrides or vocab:
-            cfg = cfg.replace(**overrides, **({"vocab": vocab} if vocab else {}))
+        if vocab:  # keep the stored size (the lm_head's rows) when the new vocabulary fits in it
+            size = cfg.vocab_size if cfg.vocab_size >= vocab_spec(vocab).size else 0
+            overrides = {"vocab": vocab, "vocab_size": size, **overrides}
+        if overrides:
+            cfg = cfg.replace(**overrides)
         hf = False
     else:
         cfg = config_from_hf(raw, vocab=vocab or "official", **overrides)

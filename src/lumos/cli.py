@@ -17,13 +17,21 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lumos.pipeline import Pipeline
-    from lumos.video import read_image, write_video
+    from lumos.video import read_image, read_video, write_video
 
     out = Path(args.output)
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
         raise SystemExit(f"lumos generate: output {out} must end in .mp4, .gif or .png")
+    if not args.prompt.strip():
+        raise SystemExit("lumos generate: the prompt is empty")
+    if args.image is not None and args.extend is not None:
+        raise SystemExit("lumos generate: give --image or --extend, not both")
     pipe = Pipeline.from_folder(
-        args.model, device=args.device, tokenizer=args.tokenizer, dtype=args.dtype
+        args.model,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        resolution=args.resolution,
     )
     try:
         pipe.set_sampling(
@@ -33,18 +41,27 @@ def _generate(args: argparse.Namespace) -> int:
             tau0=args.tau0,
             history_mask=args.history_mask,
         )
+        pipe.sampler_config(args.steps, args.cfg)  # a bad --steps / --cfg fails here, named
     except ValueError as e:
         raise SystemExit(f"lumos generate: {e}") from None
     s = pipe.settings
     if args.frames is not None:
         frames = args.frames
     else:
-        frames = 1 if out.suffix.lower() == ".png" else s.frames
+        frames = 1 if out.suffix.lower() == ".png" and args.extend is None else s.frames
     if not 1 <= frames <= s.max_frames:
-        raise SystemExit(f"lumos generate: --frames must be in [1, {s.max_frames}]")
+        raise SystemExit(f"lumos generate: --frames must be in [1, {s.max_frames}] RGB frames")
     kw = {"steps": args.steps, "cfg": args.cfg, "seed": args.seed}
-    n_latent = 1 if frames == 1 else pipe.latent_frames(frames)
-    given = None
+    given, prior = None, 0  # given: latent codes the video starts from; prior: their RGB frames
+    if args.extend is not None:  # continue an existing clip by `frames` RGB frames
+        clip = torch.from_numpy(read_video(args.extend, size=(s.height, s.width)).copy())
+        given = pipe.visual.encode(clip)  # [t0, h, w]
+        prior = pipe.visual.rgb_frames(given.shape[0])
+        n_latent = max(1, -(-frames // pipe.visual.temporal))
+        total = pipe.visual.rgb_frames(given.shape[0] + n_latent)
+    else:
+        n_latent = 1 if frames == 1 else pipe.latent_frames(frames)
+        total = frames
     if args.image is not None:
         if frames < 2:
             raise SystemExit("lumos generate: --image needs --frames >= 2 and a video output")
@@ -56,13 +73,13 @@ def _generate(args: argparse.Namespace) -> int:
         args.prompt,
         n_latent,
         given=given,
-        image=frames == 1,
-        rgb_frames=frames,
+        image=frames == 1 and given is None,
+        rgb_frames=total,
         on_frame=lambda i, c: bar.update(1),
         **kw,
     )
     bar.close()
-    video = pipe.decode(video_codes)[:frames]
+    video = pipe.decode(video_codes)[: prior + frames if args.extend else frames]
     write_video(out, video.numpy(), fps=s.fps)
     print(f"wrote {out} ({video.shape[0]} frames, {s.width}x{s.height})")
     return 0
@@ -71,30 +88,44 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     import runpy
 
-    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    roots = [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+    root = next((r for r in roots if (r / f"{args.name}.py").is_file()), None)
+    if root is None:
+        raise SystemExit(
+            f"lumos bench: no benchmark {args.name!r}: benchmarks ship with the source "
+            "repository (run from a checkout, or from a folder that holds benchmarks/)"
+        )
     script = root / f"{args.name}.py"
-    if not script.is_file():
-        raise SystemExit(f"lumos bench: no benchmark {args.name!r} in {root}")
     sys.argv = [str(script), *rest]
     sys.path.insert(0, str(root))  # benchmarks share benchmarks/report.py
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The `lumos` parser. Subcommands other than generate/bench parse their own flags (in their
+    modules' `main(argv)`); here they only take the rest of the command line."""
     p = argparse.ArgumentParser(prog="lumos", description="Lumos: autoregressive video generation")
+    p.add_argument("--version", action="version", version=f"lumos {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    g = sub.add_parser("generate", help="text/image to video or image")
+    g = sub.add_parser("generate", help="text/image to video or image, or continue a video")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.mp4", help=".mp4, .gif or .png")
-    g.add_argument("--frames", type=int, default=None, help="RGB frames (default: the model's)")
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--cfg", type=float, default=None)
+    g.add_argument(
+        "--frames", type=int, default=None, help="RGB frames to make (default: the model's)"
+    )
+    g.add_argument("--steps", type=int, default=None, help="diffusion steps per frame (model's)")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (model's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", default=None, help="first frame (image-to-video)")
+    g.add_argument("--extend", default=None, help="a video file to continue by --frames RGB frames")
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    g.add_argument(
+        "--resolution",
+        default=None,
+        help="WIDTHxHEIGHT (official checkpoints: 448x256 default, or 672x384)",
+    )
     g.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
     g.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
@@ -106,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         help="AR-DF inference masking of committed frames, in [0, 1) (model's)",
     )
     g.add_argument("--tokenizer", default=None, help="visual tokenizer folder (official models)")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument(
         "--dtype",
         default="auto",
@@ -127,7 +158,21 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/")
     b.add_argument("name")
+    return p
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lumos")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
     args, rest = p.parse_known_args(argv)
     if args.cmd == "generate":
         if rest:

@@ -14,7 +14,7 @@ from typing import Literal
 from lumos.sequence import VocabSpec, vocab_spec
 
 RopeKind = Literal["mm", "1d", "3d"]
-AttnBackend = Literal["sdpa", "flex"]
+AttnBackend = Literal["auto", "sdpa", "flex"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,12 @@ class ModelConfig:
     rope: RopeKind = "mm"
     rope_theta: float = 10000.0
     rope_scales: tuple[int, int, int] = (4, 8, 8)  # (t, h, w) = the tokenizer's compression
-    norm_eps: float = 1e-5
-    attn_backend: AttnBackend = "sdpa"
+    norm_eps: float = 1e-5  # RMSNorm
+    qk_norm_eps: float = 1e-5  # the q/k LayerNorm (HF Chameleon: LayerNorm's default 1e-5)
+    # frame-causal masks of full forwards (training, prefill): "flex" = a compiled FlexAttention
+    # BlockMask, "sdpa" = a dense boolean mask, "auto" = flex on CUDA, dense elsewhere (CPU
+    # FlexAttention has no backward and runs uncompiled). Per-frame steps never need a mask.
+    attn_backend: AttnBackend = "auto"
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -48,8 +52,12 @@ class ModelConfig:
             )
         if self.rope not in ("mm", "1d", "3d"):
             raise ValueError(f"unknown rope {self.rope!r}; choose mm, 1d or 3d")
-        if self.attn_backend not in ("sdpa", "flex"):
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose sdpa or flex")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(
+                f"unknown attn_backend {self.attn_backend!r}; choose auto, sdpa or flex"
+            )
+        if not (self.norm_eps > 0 and self.qk_norm_eps > 0):
+            raise ValueError("norm_eps and qk_norm_eps must be > 0")
         if len(self.rope_scales) != 3 or min(self.rope_scales) < 1:
             raise ValueError(f"rope_scales must be 3 positive ints, got {self.rope_scales}")
         spec = self.vocab_spec
@@ -111,8 +119,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         rope_scales=(1, 8, 8),
     ),
     # the bundled Moving Fashion-MNIST model (64x64 frames, 8x8 latent grid, per-frame tokenizer),
-    # sized to train on the 2-core CPU in about an hour (the shipped weights were grown to 6
-    # layers by `lumos train --grow-layers 6` in stage 4; see docs/MODEL_CARD.md)
+    # sized to train on the 2-core CPU in about an hour (the shipped weights were grown to 8
+    # layers by `lumos train --grow-layers` in stages 4 and 6; see docs/MODEL_CARD.md)
     "fmnist": ModelConfig(
         dim=192,
         n_layers=4,
@@ -152,6 +160,10 @@ class SamplerConfig:
     top_p: float | None = None
     temperature: float = 1.0  # of the code distribution (after CFG); < 1 sharpens it
     reference_compat: bool = False  # reproduce the released code's compounding temperature
+    # rolling context: at most `window` committed latent frames in the KV cache (None: all),
+    # re-based to start at frame 0 and slid by `window_stride` frames (docs/LONG_VIDEO.md)
+    window: int | None = None
+    window_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -168,6 +180,13 @@ class SamplerConfig:
             raise ValueError("top_p must be in (0, 1]")
         if not self.temperature > 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 latent frame (or None), got {self.window}")
+        if not 1 <= self.window_stride <= (self.window or self.window_stride):
+            raise ValueError(
+                f"window_stride must be in [1, window], got {self.window_stride} "
+                f"(window {self.window})"
+            )
 
 
 @dataclass(frozen=True)

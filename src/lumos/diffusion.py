@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lumos.config import DiffusionConfig
-from lumos.masks import frame_causal_dense
+from lumos.masks import frame_causal
 from lumos.sequence import Layout, Sequence
 
 
@@ -165,12 +165,8 @@ def masked_visual_loss(
 def ardf_loss(model, batch: dict[str, Tensor], chunk: int = 4096, mask=None) -> dict[str, Tensor]:
     """Forward a collated batch with the frame-causal mask and return the AR-DF loss dict."""
     if mask is None:
-        if model.cfg.attn_backend == "flex":
-            from lumos.masks import frame_causal_block_mask
-
-            mask = frame_causal_block_mask(batch["frame"], batch["valid"])
-        else:
-            mask = frame_causal_dense(batch["frame"], batch["valid"])
+        device = batch["inputs"].device
+        mask = frame_causal(batch["frame"], batch["valid"], model.cfg.attn_backend, device)
     hidden = model(batch["inputs"], batch["positions"], mask, output="hidden")
     return masked_visual_loss(
         model, hidden, batch["targets"], batch["loss_mask"], batch["frame"], chunk

@@ -51,6 +51,23 @@ def frame_causal_block_mask(frame: Tensor, valid: Tensor | None = None, block_si
     )
 
 
+def uses_flex(backend: str, device: torch.device | str) -> bool:
+    """Whether a ModelConfig.attn_backend means FlexAttention on this device ("auto": on CUDA)."""
+    if backend not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"unknown attention backend {backend!r}; choose auto, sdpa or flex")
+    return backend == "flex" or (backend == "auto" and torch.device(device).type == "cuda")
+
+
+def frame_causal(frame: Tensor, valid: Tensor | None, backend: str, device: torch.device | str):
+    """The frame-causal mask of a full forward (training, prefill) for `backend` on `device`:
+    a FlexAttention BlockMask (`uses_flex`) or the dense bool [B, 1, L, L] mask."""
+    frame = frame.to(device)
+    valid = None if valid is None else valid.to(device)
+    if uses_flex(backend, device):
+        return frame_causal_block_mask(frame, valid)
+    return frame_causal_dense(frame, valid)
+
+
 def cache_key_mask(lengths: Tensor, n_new: int, total: int) -> Tensor:
     """Queries of a new block against a batch of caches of per-row `lengths` [B].
 

@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
 class HeadNorm(nn.Module):
     """LayerNorm over head_dim (statistics per head) with a [heads, head_dim] weight and bias."""
 
-    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, heads: int, head_dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(heads, head_dim))
@@ -81,8 +81,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.hkv * self.d, bias=False)
         self.v_proj = nn.Linear(cfg.dim, self.hkv * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
-        self.q_norm = HeadNorm(self.h, self.d)
-        self.k_norm = HeadNorm(self.hkv, self.d)
+        self.q_norm = HeadNorm(self.h, self.d, cfg.qk_norm_eps)
+        self.k_norm = HeadNorm(self.hkv, self.d, cfg.qk_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> Tensor:
         b, n, _ = x.shape

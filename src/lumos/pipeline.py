@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,37 +25,13 @@ from lumos.config import SamplerConfig
 from lumos.devices import resolve_dtype
 from lumos.sampler import VideoRequest, generate
 from lumos.sequence import Layout, prompt_text
+from lumos.settings import Conditioning, PipelineSettings
 from lumos.tokenizers import TextTokenizer, VisualTokenizer, load_visual_tokenizer
+
+__all__ = ["BUNDLED", "COSMOS_DIR", "Conditioning", "Pipeline", "PipelineSettings"]
 
 BUNDLED = Path(__file__).parent / "assets" / "fmnist"
 COSMOS_DIR = "Cosmos-Tokenizer-DV4x8x8"
-
-
-@dataclass
-class PipelineSettings:
-    """Defaults of one model folder (pipeline.json)."""
-
-    height: int = 64  # pixels
-    width: int = 64
-    frames: int = 16  # RGB frames of a default video
-    fps: int = 8
-    steps: int = 50
-    cfg_video: float = 15.0
-    cfg_image: float = 16.0
-    top_p: float | None = None  # nucleus sampling of the codes (None: the full distribution)
-    top_k: int | None = None  # sample among the k likeliest codes (None: all)
-    temperature: float = 1.0  # of the guided code distribution
-    tau0: float = 1.0  # Gumbel temperature of the MaskGIT confidence (decays within a frame)
-    history_mask: float = 0.7  # AR-DF inference masking of committed frames (rho_inf)
-    template: bool = False  # wrap captions in the official text template
-    duration: int | None = None  # the duration token trained with (None: from the length asked)
-    max_frames: int = 64
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PipelineSettings:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 class Pipeline:
@@ -86,17 +62,19 @@ class Pipeline:
         device: str | None = None,
         tokenizer: str | Path | None = None,
         dtype: torch.dtype | str | None = None,
+        resolution: str | None = None,
     ) -> Pipeline:
         """Load ours (default: the bundled model) or an official checkpoint folder. dtype None or
         "auto": bfloat16 on CUDA and on CPUs with hardware bf16 (AVX512-BF16 or AMX), else float32
         (`resolve_dtype`). "random" / "random:<preset>" (random weights, for tests) stay float32
-        unless a dtype is named."""
-        if str(folder).startswith("random"):  # "random" or "random:<model preset>"
+        unless a dtype is named. The visual tokenizer runs on the model's device. `resolution`
+        ("WIDTHxHEIGHT") overrides the folder's (official: 448x256 unless given)."""
+        if str(folder).startswith("random"):  # "random" or "random:<preset>"
             preset = str(folder).partition(":")[2] or "fmnist"
             pipe = cls.random(preset, device=device or "cpu")
             if dtype not in (None, "auto"):
                 pipe.model.to(resolve_dtype(dtype, device or "cpu"))
-            return pipe
+            return pipe.at_resolution(resolution) if resolution else pipe
         folder = Path(folder) if folder is not None else BUNDLED
         if not folder.is_dir():
             hint = (
@@ -106,27 +84,37 @@ class Pipeline:
             )
             raise FileNotFoundError(f"model folder {folder} does not exist{hint}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this PyTorch build sees no GPU")
         dtype = resolve_dtype(dtype, device)
         if (folder / "pipeline.json").is_file():
             settings = PipelineSettings.from_dict(
                 json.loads((folder / "pipeline.json").read_text())
             )
             model, _ = load_model(folder / "model", device=device, dtype=dtype)
-            visual = load_visual_tokenizer(tokenizer or folder / "tokenizer")
+            visual = load_visual_tokenizer(tokenizer or folder / "tokenizer", device=device)
             text = TextTokenizer.from_file(folder / "text_tokenizer.json")
-            return cls(model, visual, text, settings)
-        read_config(folder)  # official: a clear error if config.json is absent
-        tok_dir = Path(tokenizer) if tokenizer else _find_cosmos(folder)
-        text_file = folder / "text_tokenizer.json"
-        if not text_file.is_file():
-            raise FileNotFoundError(f"no text_tokenizer.json in {folder}")
-        model, _ = load_model(folder, device=device, dtype=dtype)
-        settings = PipelineSettings(
-            height=256, width=448, frames=25, fps=12, template=True, max_frames=121
-        )
-        return cls(
-            model, load_visual_tokenizer(tok_dir), TextTokenizer.from_file(text_file), settings
-        )
+        else:  # official: config.json (a clear error if absent) + text_tokenizer.json + Cosmos
+            read_config(folder)
+            text_file = folder / "text_tokenizer.json"
+            if not text_file.is_file():
+                raise FileNotFoundError(f"no text_tokenizer.json in {folder}")
+            tok_dir = Path(tokenizer) if tokenizer else _find_cosmos(folder)
+            model, _ = load_model(folder, device=device, dtype=dtype)
+            visual = load_visual_tokenizer(tok_dir, device=device)
+            text = TextTokenizer.from_file(text_file)
+            settings = PipelineSettings.official()
+        pipe = cls(model, visual, text, settings)
+        return pipe.at_resolution(resolution) if resolution else pipe
+
+    def at_resolution(self, resolution: str) -> Pipeline:
+        """The same model and tokenizers at another "WIDTHxHEIGHT" (a multiple of the latent
+        cell; official layouts also need multiples of 32 for their size tokens)."""
+        multiple = self.visual.spatial
+        if self.settings.template:  # size number tokens are H/32 and W/32
+            multiple = max(multiple, 32)
+        settings = self.settings.with_resolution(resolution, multiple)
+        return Pipeline(self.model, self.visual, self.text, settings)
 
     @classmethod
     def random(cls, preset: str = "fmnist", device: str = "cpu", seed: int = 0) -> Pipeline:
@@ -145,11 +133,13 @@ class Pipeline:
         return cls(model, visual, text, PipelineSettings(steps=8))
 
     # -- helpers ----------------------------------------------------------------------------------
-    def text_ids(self, prompt: str | None, n_frames: int, fps: int) -> list[int] | None:
+    def text_ids(self, prompt: str | None, text_frames: int, fps: int) -> list[int] | None:
+        """Token ids of a caption (wrapped in the official template, which states `text_frames`
+        and `fps`, when the folder says so); None for no prompt."""
         if prompt is None:
             return None
         s = self.settings
-        text = prompt_text(prompt, s.width, s.height, n_frames, fps) if s.template else prompt
+        text = prompt_text(prompt, s.width, s.height, text_frames, fps) if s.template else prompt
         ids = self.text.encode(text)
         bad = [i for i in ids if not 0 <= i < self.vocab.n_text]
         if bad:
@@ -158,10 +148,9 @@ class Pipeline:
             )
         return ids
 
-    def duration_token(self, rgb_frames: int) -> int:
-        """The duration number of the prompt prefix for a video of `rgb_frames` frames."""
-        s = self.settings
-        return s.duration if s.duration else max(1, round(rgb_frames / s.fps))
+    def conditioning(self, rgb_frames: int, image: bool = False) -> Conditioning:
+        """(F, duration, fps) of the prompt prefix: the folder's one rule (lumos.settings)."""
+        return self.settings.conditioning(rgb_frames, image)
 
     def sampler_config(
         self, steps: int | None = None, cfg: float | None = None, image: bool = False
@@ -170,7 +159,7 @@ class Pipeline:
         s = self.settings
         g = cfg if cfg is not None else (s.cfg_image if image else s.cfg_video)
         return SamplerConfig(
-            steps=steps or s.steps,
+            steps=s.steps if steps is None else steps,
             cfg=g,
             tau0=s.tau0,
             history_mask_ratio=s.history_mask,
@@ -225,14 +214,14 @@ class Pipeline:
         rgb_frames: int | None = None,
         on_frame: Callable[[int, Tensor], None] | None = None,
     ) -> Tensor:
-        """Latent codes [t0 + n_latent, h, w] (t0 = given frames)."""
-        s = self.settings
-        fps, duration = (
-            (1, 1) if image else (s.fps, max(1, round((rgb_frames or s.frames) / s.fps)))
-        )
-        text = self.text_ids(prompt, rgb_frames or s.frames, fps)
+        """Latent codes [t0 + n_latent, h, w] (t0 = given frames); `rgb_frames`: the RGB length
+        of the whole clip (default: the folder's), which the prompt prefix states."""
+        cond = self.conditioning(rgb_frames or self.settings.frames, image)
+        text = self.text_ids(prompt, cond.text_frames, cond.fps)
         g = torch.Generator(device=self.device).manual_seed(seed)
-        req = VideoRequest(text, n_latent, given=given, duration=duration, fps=fps, generator=g)
+        req = VideoRequest(
+            text, n_latent, given=given, duration=cond.duration, fps=cond.fps, generator=g
+        )
         sc = self.sampler_config(steps, cfg, image)
         return generate(self.model, self.layout, [req], sc, on_frame=on_frame)[0]
 
@@ -247,11 +236,12 @@ class Pipeline:
         return self.decode(codes)[:frames]
 
     def image_to_video(self, image: Tensor, prompt: str, frames: int | None = None, **kw) -> Tensor:
-        """The given image is frame 0; uint8 [T, H, W, 3]."""
+        """The given image is frame 0; uint8 [T, H, W, 3] with T = frames, as text_to_video."""
         frames = frames or self.settings.frames
         first = self.encode_image(image)
         n = self.latent_frames(frames) - 1
-        return self.decode(self.generate_codes(prompt, n, given=first, rgb_frames=frames, **kw))
+        codes = self.generate_codes(prompt, n, given=first, rgb_frames=frames, **kw)
+        return self.decode(codes)[:frames]
 
     def extend(self, codes: Tensor, prompt: str | None, frames: int, **kw) -> Tensor:
         """Continue a video given by its codes [t, h, w] by `frames` RGB frames -> all codes."""

@@ -206,7 +206,7 @@ def _plain(tokens: list[int] | Tensor, kinds: Tensor, start: int) -> Sequence:
 
 
 def prompt_text(caption: str, width: int, height: int, n_frames: int, fps: int) -> str:
-    """The released text template (F = RGB frame count)."""
+    """The released text template; F (`n_frames`) per the folder's rule (lumos.settings)."""
     return (
         f"Generate a video with a resolution of {width}x{height}, consisting of {n_frames} "
         f"frames at {fps} frames per second, according to the following prompt:\n {caption}"

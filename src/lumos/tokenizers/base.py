@@ -74,6 +74,26 @@ def check_codes(codes: object, codebook_size: int) -> None:
         raise ValueError(f"codes must lie in [0, {codebook_size}), got range [{lo}, {hi}]")
 
 
+def check_video_batch(videos: object, spatial: int = 8) -> None:
+    """Validate a batch ``[B, T, H, W, 3]`` (B >= 1) for ``encode_batch``: every element, as
+    :func:`check_video` checks one video (shape and dtype are shared by the whole batch)."""
+    if not isinstance(videos, torch.Tensor):
+        raise TypeError(f"videos must be a torch.Tensor, got {type(videos).__name__}")
+    if videos.dim() != 5 or videos.shape[0] < 1:
+        raise ValueError(f"encode_batch expects [B, T, H, W, 3], B >= 1, got {tuple(videos.shape)}")
+    check_video(videos.flatten(0, 1), spatial)  # [B*T, H, W, 3]: one check covers every element
+
+
+def check_codes_batch(codes: object, codebook_size: int) -> None:
+    """Validate a batch of code grids ``[B, t, h, w]`` (B >= 1): every element's range, not just
+    the first's."""
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dim() != 4 or codes.shape[0] < 1:
+        raise ValueError(f"decode_batch expects [B, t, h, w], B >= 1, got {tuple(codes.shape)}")
+    check_codes(codes.flatten(0, 1), codebook_size)  # [B*t, h, w]
+
+
 def video_to_unit(video: torch.Tensor) -> torch.Tensor:
     """uint8 ``[T, H, W, 3]`` (or batched ``[B, T, H, W, 3]``) -> float32 ``[B, 3, T, H, W]``
     in [-1, 1] (B = 1 for an unbatched video)."""
@@ -179,7 +199,7 @@ class StreamingDecoder:
         self.tokenizer = tokenizer
         ctx = getattr(tokenizer, "context_latents", None)
         self.window = window if ctx is None else min(window, ctx + 1)  # no more than it needs
-        self._latents: deque[torch.Tensor] = deque(maxlen=window)  # each [h, w]
+        self._latents: deque[torch.Tensor] = deque(maxlen=self.window)  # each [h, w]
         self.latents_pushed = 0
         self.frames_emitted = 0
 

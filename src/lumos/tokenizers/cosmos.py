@@ -22,7 +22,9 @@ from .base import (
     TokenizerLoadError,
     VisualTokenizer,
     check_codes,
+    check_codes_batch,
     check_video,
+    check_video_batch,
     pad_video_frames,
     unit_to_video,
     video_to_unit,
@@ -90,9 +92,7 @@ class CosmosTokenizer(VisualTokenizer):
     @torch.no_grad()
     def encode_batch(self, videos: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, T, H, W, 3]`` -> int64 CPU codes ``[B, latent_frames(T), H/8, W/8]``."""
-        if videos.dim() != 5:
-            raise ValueError(f"encode_batch expects [B, T, H, W, 3], got {tuple(videos.shape)}")
-        check_video(videos[0], self.spatial)
+        check_video_batch(videos, self.spatial)
         b, t, h, w, _ = videos.shape
         x = video_to_unit(videos.to(self.device))  # [B, 3, T, H, W] in [-1, 1]
         x = pad_video_frames(x, self.temporal, dim=2).to(self.dtype)  # [B, 3, 1 + 4k, H, W]
@@ -110,9 +110,7 @@ class CosmosTokenizer(VisualTokenizer):
     @torch.no_grad()
     def decode_batch(self, codes: torch.Tensor) -> torch.Tensor:
         """int codes ``[B, t, h, w]`` -> uint8 CPU video ``[B, 1 + 4(t - 1), 8h, 8w, 3]``."""
-        if codes.dim() != 4:
-            raise ValueError(f"decode_batch expects [B, t, h, w], got {tuple(codes.shape)}")
-        check_codes(codes[0], self.codebook_size)
+        check_codes_batch(codes, self.codebook_size)
         y = self.decoder(codes.to(self.device, torch.long))  # [B, 3, T', H, W] in [-1, 1]
         if isinstance(y, (tuple, list)):
             y = y[0]

@@ -39,7 +39,9 @@ from .base import (
     TokenizerLoadError,
     VisualTokenizer,
     check_codes,
+    check_codes_batch,
     check_video,
+    check_video_batch,
     pad_video_frames,
     unit_to_video,
     video_to_unit,
@@ -404,9 +406,7 @@ class FSQVideoTokenizer(nn.Module, VisualTokenizer):
     @torch.no_grad()
     def encode_batch(self, videos: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, T, H, W, 3]`` -> int64 CPU codes ``[B, t, h, w]``."""
-        if videos.dim() != 5:
-            raise ValueError(f"encode_batch expects [B, T, H, W, 3], got {tuple(videos.shape)}")
-        check_video(videos[0], self.spatial)
+        check_video_batch(videos, self.spatial)
         x = video_to_unit(videos.to(self.device)).to(self.dtype)  # [B, 3, T, H, W]
         _, indices = self.encode_float(x)
         return indices.cpu()
@@ -414,9 +414,7 @@ class FSQVideoTokenizer(nn.Module, VisualTokenizer):
     @torch.no_grad()
     def decode_batch(self, codes: torch.Tensor) -> torch.Tensor:
         """int codes ``[B, t, h, w]`` -> uint8 CPU video ``[B, rgb_frames(t), H, W, 3]``."""
-        if codes.dim() != 4:
-            raise ValueError(f"decode_batch expects [B, t, h, w], got {tuple(codes.shape)}")
-        check_codes(codes[0], self.codebook_size)
+        check_codes_batch(codes, self.codebook_size)
         q = self.quantizer.indices_to_codes(codes.to(self.device)).to(self.dtype)  # [B,t,h,w,d]
         return unit_to_video(self.decode_float(q)).cpu()  # [B, T', H, W, 3]
 
