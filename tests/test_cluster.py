@@ -129,7 +129,7 @@ async def assert_complete(client: LumosClient, sid: str, n: int, frames: list[di
     assert [r.pixels for r in stored] == [f["pixels"] for f in frames]
     assert all(r.pixels[:8] == b"\x89PNG\r\n\x1a\n" for r in stored)
     state = await client.state(sid)
-    assert state["status"] == "idle" and state["n_frames"] == n, state
+    assert state["status"] == "done" and state["n_frames"] == n, state
 
 
 async def ensure_workers(cfg: ServeConfig) -> None:
@@ -299,7 +299,7 @@ def test_verify_tokens_and_limits(cluster):
             with pytest.raises(LimitExceeded, match="too many sessions"):
                 await client.create_session("one more", 1, steps=2)
             cancelled = await client.cancel(slow["id"])
-            assert cancelled["status"] == "idle" and cancelled["n_frames"] < 8
+            assert cancelled["status"] == "done" and cancelled["n_frames"] < 8
             stored = await client.frames(slow["id"])
             assert [r.seq for r in stored] == list(range(cancelled["n_frames"]))
             await client.delete_session(slow["id"])
@@ -330,7 +330,7 @@ def test_idle_session_deactivates_and_reactivates_from_the_store(cluster):
 
             await wait_for(gone, timeout_s=20)
             state = await client.state(sid)  # from the store: does not reactivate
-            assert state["status"] == "idle" and state["n_frames"] == 3
+            assert state["status"] == "done" and state["n_frames"] == 3
             assert await gone()
             await client.extend(sid, 2, "a coat turns")
             assert not await gone()

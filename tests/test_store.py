@@ -448,7 +448,8 @@ def test_sqlite_several_processes_share_one_file(tmp_path: Path) -> None:
 
 def test_records_validate() -> None:
     meta = SessionMeta("s", "h", "o", created_at=12.0, prompts=[(0, "x")])
-    assert meta.updated_at == 12.0 and meta.prompts == [[0, "x"]] and meta.status == "idle"
+    assert meta.updated_at == 12.0 and meta.prompts == [[0, "x"]] and meta.status == "queued"
+    assert SessionMeta("s", "h", "o", status="idle").status == "done"  # written before "done"
     with pytest.raises(ValueError, match="status"):
         SessionMeta("s", "h", "o", status="paused")
     with pytest.raises(ValueError, match="seq"):

@@ -52,6 +52,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocketState
 
+from lumos.api import metrics
 from lumos.api.schemas import (
     CreateSessionRequest,
     CreateSessionResponse,
@@ -298,8 +299,11 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         description=(__doc__ or "").split("\n\n", 1)[1],
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load from a CDN: /docs is static/docs.html instead
+        redoc_url=None,
     )
     app.add_middleware(_Guard, max_body=max_body)
+    metrics.install(app)  # GET /metrics (lumos.api.metrics)
     for name in ("uvicorn.access", "uvicorn.error"):  # the latter logs WebSocket URLs
         logger = logging.getLogger(name)
         if not any(isinstance(f, _RedactTokens) for f in logger.filters):
@@ -396,6 +400,11 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs() -> FileResponse:
+        """The API reference, rendered from /openapi.json by static/docs.js (works offline)."""
+        return FileResponse(STATIC / "docs.html", headers=PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -494,10 +503,18 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         )
         if problem:
             raise HTTPException(422, problem)
-        if state.get("status") == "running":
+        if state.get("status") in ("queued", "running"):
             raise HTTPException(409, "the session is still generating; extend it when it is done")
         new = await call(cluster(request).extend(session_id, body.frames, prompt), conflict=True)
         return public_state(new)
+
+    @app.post("/api/sessions/{session_id}/cancel", response_model=SessionState, responses=ERRORS)
+    async def cancel_session(
+        session_id: str, request: Request, authorization: str | None = Header(None)
+    ) -> dict[str, Any]:
+        """Stop a running generation: the frames committed so far stay, the status is `done`."""
+        await authorized(request, session_id, _bearer(authorization))
+        return public_state(await call(cluster(request).cancel(session_id)))
 
     @app.get(
         "/api/sessions/{session_id}/frames/{seq}.png",
@@ -607,6 +624,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
                     "meta": jsonable_encoder(get("meta") or {}),
                 }
             )
+            metrics.observe_frame_sent(websocket, record, state)
             next_seq = seq + 1
 
         async def pump() -> str:

@@ -46,7 +46,7 @@ class SessionState(BaseModel):
     """Public view of a session (never its token, owner or RNG state)."""
 
     id: str
-    status: str = Field(description="idle | running | done | failed")
+    status: str = Field(description="queued | running | done | failed")
     n_frames: int
     target: int | None = Field(None, description="n_frames when the current request is done")
     prompts: list[list[Any]] = Field(description="[from_frame, prompt] segments")

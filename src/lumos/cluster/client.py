@@ -31,7 +31,7 @@ import ray
 from lumos.cluster import runtime
 from lumos.cluster.runtime import ACTOR_GONE_ERRORS, ServeConfig
 from lumos.cluster.session import SessionActor, SessionDeactivating, frame_dict, state_dict
-from lumos.store import FrameRecord, SessionMeta, SessionNotFound, open_store
+from lumos.store import ACTIVE_STATUSES, FrameRecord, SessionMeta, SessionNotFound, open_store
 
 log = logging.getLogger("lumos.client")
 
@@ -360,9 +360,9 @@ class LumosClient:
         self._check_prompt(prompt, required=False)
         meta = await self._meta(session_id)
         self._check_frames(frames, meta.n_frames)
-        if meta.status == "running":
+        if meta.status in ACTIVE_STATUSES:
             state = await self._call(session_id, "state")
-            if state["status"] == "running":
+            if state["status"] in ACTIVE_STATUSES:
                 raise ValueError(
                     f"session {session_id} is already generating; wait until it is idle"
                 )
@@ -383,7 +383,7 @@ class LumosClient:
     async def state(self, session_id: str) -> dict:
         """id, status, n_frames, target, prompts, settings, worker, error, created/updated_at."""
         meta = await self._meta(session_id)
-        if meta.status == "running":  # ask the actor (it resumes if its process was lost)
+        if meta.status in ACTIVE_STATUSES:  # ask the actor (it resumes if its process was lost)
             return await self._call(session_id, "state")
         return state_dict(meta)
 
@@ -420,7 +420,9 @@ class LumosClient:
                 yield frame_dict(rec)
                 nxt += 1
         meta = await self.store.get_session(session_id)
-        if meta is None or (meta.status != "running" and nxt >= meta.n_frames and not follow):
+        if meta is None or (
+            meta.status not in ACTIVE_STATUSES and nxt >= meta.n_frames and not follow
+        ):
             return
         while True:  # live, through the session actor's long poll
             try:
@@ -431,7 +433,7 @@ class LumosClient:
                 if frame["seq"] == nxt:
                     yield frame
                     nxt += 1
-            if not follow and res["status"] != "running" and nxt >= res["n_frames"]:
+            if not follow and res["status"] not in ACTIVE_STATUSES and nxt >= res["n_frames"]:
                 return
 
     async def list_sessions(self, owner: str) -> list[dict]:

@@ -39,6 +39,7 @@ from lumos.cluster.runtime import (
     get_actor,
     list_workers,
 )
+from lumos.store import ACTIVE_STATUSES as ACTIVE
 from lumos.store import FrameConflict, FrameRecord, SessionMeta, SessionNotFound, open_store
 
 log = logging.getLogger("lumos.session")
@@ -133,11 +134,11 @@ class Session:
             self._changed = asyncio.Event()
             self._watchdog = asyncio.get_running_loop().create_task(self._idle_watch())
             target = int(meta.settings.get("target", len(codes)))
-            if meta.status == "running":
+            if meta.status in ACTIVE:
                 if target > len(codes):  # the previous incarnation died mid-generation
                     self._start(target)
                 else:
-                    await self._set(status="idle")
+                    await self._set(status="done")
 
     async def _set(self, **fields: Any) -> None:
         self.meta = await self.store.update_session(self.sid, **fields)
@@ -157,9 +158,7 @@ class Session:
         return self._state()
 
     def _state(self) -> dict:
-        out = state_dict(self.meta, len(self.codes))
-        out["status"] = "running" if self.running else self.meta.status
-        return out
+        return state_dict(self.meta, len(self.codes))
 
     async def extend(self, n_frames: int, prompt: str | None = None) -> dict:
         """Start generating n_frames more frames in the background ({"refused": why} if not)."""
@@ -178,7 +177,7 @@ class Session:
                 prompts.append([n, prompt])
         settings = dict(self.meta.settings, target=n + n_frames)
         self.meta = await self.store.update_session(
-            self.sid, status="running", prompts=prompts, settings=settings, error=None
+            self.sid, status="queued", prompts=prompts, settings=settings, error=None
         )
         self._start(n + n_frames)
         return self._state()
@@ -279,7 +278,7 @@ class Session:
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, target: int) -> None:
         losses = 0
-        status, error = "idle", None
+        status, error = "done", None
         try:
             while len(self.codes) < target:
                 name, worker = await self._pick_worker()
@@ -292,7 +291,7 @@ class Session:
                     if losses > MAX_WORKER_RETRIES:
                         raise RuntimeError(f"lost {losses} workers in one generation") from e
         except asyncio.CancelledError:
-            pass  # cancel(): the frames committed so far stay, the session is idle
+            pass  # cancel(): the frames committed so far stay, the session is done
         except SessionNotFound:
             status = None  # deleted while generating
         except Exception as e:
@@ -333,8 +332,8 @@ class Session:
     async def _stream(self, name: str, worker, target: int) -> None:
         """Run the remaining frames on one worker: persist each frame, then publish it."""
         self._worker = (name, worker)
-        if self.meta.worker != name:
-            await self._set(worker=name)
+        if self.meta.worker != name or self.meta.status != "running":
+            await self._set(worker=name, status="running")
         prompt_index = max(0, len(self.meta.prompts) - 1)
         async for ref in worker.run.remote(self._request(target)):
             item = await ref

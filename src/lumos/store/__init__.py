@@ -4,7 +4,8 @@
     sqlite:////abs/path.db         SQLite file, absolute path
     redis://host:port/db           Redis (rediss:// for TLS); "?prefix=name" sets the key prefix
 
-See `lumos.store.base` for the contract (atomic, ordered, idempotent frame appends).
+See `lumos.store.base` for the contract (atomic, ordered, idempotent frame appends; atomic
+admission against the capacity limits).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from lumos.store.base import (
+    ACTIVE_STATUSES,
     MUTABLE_FIELDS,
     STATUSES,
+    Admission,
+    AdmissionRefused,
     FrameConflict,
     FrameRecord,
+    SessionBusy,
     SessionExists,
     SessionMeta,
     SessionNotFound,
@@ -26,12 +31,16 @@ from lumos.store.redis import RedisStore
 from lumos.store.sqlite import SQLiteStore
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "MUTABLE_FIELDS",
     "STATUSES",
+    "Admission",
+    "AdmissionRefused",
     "FrameConflict",
     "FrameRecord",
     "RedisStore",
     "SQLiteStore",
+    "SessionBusy",
     "SessionExists",
     "SessionMeta",
     "SessionNotFound",

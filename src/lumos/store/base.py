@@ -6,6 +6,19 @@ frame. Frames are appended with strictly increasing sequence numbers; an append 
 and idempotent, so a session actor may retry after a crash or a lost reply without ever storing a
 frame twice or overwriting one. Backends: `lumos.store.sqlite` (single machine) and
 `lumos.store.redis` (cluster). The session actor and the API call every method with `await`.
+
+Admission. The store also holds the set of *active* sessions, which the capacity limits count
+(`Admission`). A session becomes active by an admitted `create_session(meta, admission)` or
+`reserve(id, admission)`: one atomic check-and-reserve in the backend (SQLite: one BEGIN IMMEDIATE
+transaction; Redis: one Lua script), so concurrent requests can never exceed a limit, and a
+refused request (`AdmissionRefused`) changes nothing. It stays active while it is queued or
+generating and is released when its status is written as one outside ACTIVE_STATUSES ("done":
+finished or cancelled; "failed"), when it is deleted, or by `release(id)`. A reservation whose
+session's status is still not active `Admission.stale_s` seconds after it was made (its caller
+died between `reserve` and starting the generation) is dropped by the next admission.
+
+Text. Every string the store keeps must be encodable as UTF-8: a lone surrogate ("\\ud800") is
+refused with ValueError before anything is written.
 """
 
 from __future__ import annotations
@@ -16,7 +29,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("idle", "running", "done", "failed")
+STATUSES = ("queued", "running", "done", "failed")
+# queued: frames were asked for and no worker streams them yet; running: a worker is generating;
+# done: every asked-for frame is stored (or the generation was cancelled); failed: see error.
+ACTIVE_STATUSES = ("queued", "running")  # a generation is asked for and not over
+LEGACY_STATUSES = {"idle": "done"}  # what stores written before the four statuses hold
 # Fields of SessionMeta that update_session may set; everything else is fixed at creation
 # (session_id, token_hash, owner, created_at) or owned by the store (updated_at, n_frames).
 MUTABLE_FIELDS = frozenset({"settings", "status", "prompts", "rng_state", "worker", "error"})
@@ -38,6 +55,68 @@ class FrameConflict(StoreError):
     """An append would leave a gap or replace a different frame at an existing sequence number."""
 
 
+class SessionBusy(StoreError):
+    """reserve() on a session that is already active (queued or generating)."""
+
+
+class AdmissionRefused(StoreError, ValueError):
+    """A capacity limit is reached; nothing was stored. Retry after `retry_after_s` seconds.
+
+    reason: "sessions_cap" (too many active sessions in all) or "owner_cap" (this owner has too
+    many active or stored sessions).
+    """
+
+    def __init__(self, message: str, reason: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = int(retry_after_s)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The capacity limits one check-and-reserve enforces (see the module docstring).
+
+    max_active: active sessions in all; max_active_per_owner: active sessions of one owner;
+    max_stored_per_owner: sessions one owner may keep at all (checked on create only);
+    retry_after_s: what a refusal tells the caller to wait; stale_s: see the module docstring.
+    """
+
+    max_active: int
+    max_active_per_owner: int
+    max_stored_per_owner: int
+    retry_after_s: int = 5
+    stale_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_active", "max_active_per_owner", "max_stored_per_owner"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Admission.{name} must be >= 1, got {getattr(self, name)}")
+        if self.retry_after_s < 1 or self.stale_s <= 0:
+            raise ValueError("Admission.retry_after_s must be >= 1 and stale_s > 0")
+
+    def refusal(self, reason: str, count: int) -> AdmissionRefused:
+        """The error for a refusal by `reason` when `count` sessions already hold the limit."""
+        if reason == "sessions_cap":
+            text = (
+                f"too many sessions are generating right now ({count}, limit {self.max_active}); "
+                "try again later"
+            )
+        elif reason == "owner_cap":
+            text = (
+                f"this owner already has {count} sessions generating (limit "
+                f"{self.max_active_per_owner}); try again when one is done"
+            )
+        elif reason == "owner_stored":
+            reason = "owner_cap"
+            text = (
+                f"this owner already keeps {count} sessions (limit {self.max_stored_per_owner}); "
+                "delete one first"
+            )
+        else:
+            raise ValueError(f"unknown refusal reason {reason!r}")
+        return AdmissionRefused(text, reason, self.retry_after_s)
+
+
 @dataclass
 class SessionMeta:
     """Everything about a session except its frames.
@@ -54,7 +133,7 @@ class SessionMeta:
     created_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
-    status: str = "idle"
+    status: str = "queued"
     n_frames: int = 0
     prompts: list[list[Any]] = field(default_factory=list)
     rng_state: bytes | None = None
@@ -62,12 +141,16 @@ class SessionMeta:
     error: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("session_id", "token_hash", "owner", "worker"):
+            check_text(getattr(self, name), name)
+        self.error = clean_text(self.error)
         self.created_at = float(self.created_at)
         self.updated_at = float(self.updated_at or self.created_at)
         self.n_frames = int(self.n_frames)
         self.prompts = normalize_prompts(self.prompts)
         if self.rng_state is not None:
             self.rng_state = bytes(self.rng_state)
+        self.status = LEGACY_STATUSES.get(self.status, self.status)
         check_status(self.status)
 
 
@@ -103,11 +186,31 @@ def check_status(status: str) -> None:
         raise ValueError(f"invalid session status {status!r}; expected one of {STATUSES}")
 
 
+def check_text(value: str | None, what: str) -> None:
+    """Raise ValueError unless value (a str, or None) can be encoded as UTF-8."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} is not valid Unicode text (it holds a lone surrogate code point)"
+        ) from None
+
+
+def clean_text(value: str | None) -> str | None:
+    """value with anything UTF-8 cannot encode replaced by U+FFFD (for error messages)."""
+    if value is None:
+        return None
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+
+
 def normalize_prompts(prompts: Any) -> list[list[Any]]:
     """Return prompt segments as [[from_frame: int, prompt: str], ...] (JSON round-trip safe)."""
     out = []
     for segment in prompts:
         from_frame, prompt = segment
+        check_text(str(prompt), "prompt")
         out.append([int(from_frame), str(prompt)])
     return out
 
@@ -128,7 +231,16 @@ def check_update(fields: dict[str, Any]) -> dict[str, Any]:
         raise TypeError("settings must be a dict")
     if out.get("rng_state") is not None:
         out["rng_state"] = bytes(out["rng_state"])
+    if "worker" in out:
+        check_text(out["worker"], "worker")
+    if "error" in out:
+        out["error"] = clean_text(out["error"])
     return out
+
+
+def releases(fields: dict[str, Any]) -> bool:
+    """Whether an update with these (checked) fields ends the session's admission."""
+    return "status" in fields and fields["status"] not in ACTIVE_STATUSES
 
 
 def check_range(start: int, end: int | None) -> None:
@@ -138,16 +250,43 @@ def check_range(start: int, end: int | None) -> None:
 
 
 def dump_json(value: Any) -> str:
-    """Compact JSON used for settings, prompts and frame meta in every backend."""
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON used for settings, prompts and frame meta in every backend.
+
+    Raises ValueError for text that cannot be encoded as UTF-8 (a lone surrogate): stored JSON
+    must be readable by every client, and json.dumps would otherwise escape it silently.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    check_text(text, "a stored JSON value")
+    return text
 
 
 class SessionStore(abc.ABC):
     """Async persistence of sessions and their frames. All methods are coroutines."""
 
     @abc.abstractmethod
-    async def create_session(self, meta: SessionMeta) -> None:
-        """Store a new session (meta.n_frames must be 0); raise SessionExists if the id is taken."""
+    async def create_session(self, meta: SessionMeta, admission: Admission | None = None) -> None:
+        """Store a new session (meta.n_frames must be 0); raise SessionExists if the id is taken.
+
+        With admission, atomically: refuse (AdmissionRefused, nothing stored) when the limits
+        are reached, else store the session AND make it active (see the module docstring).
+        """
+
+    @abc.abstractmethod
+    async def reserve(self, session_id: str, admission: Admission) -> None:
+        """Make an existing session active if the limits allow, atomically.
+
+        Raises SessionNotFound for an unknown id, SessionBusy if it is already active or its
+        status is "running", AdmissionRefused when a limit is reached (nothing changed).
+        """
+
+    @abc.abstractmethod
+    async def release(self, session_id: str) -> None:
+        """End the session's admission (a no-op when it is not active)."""
+
+    @abc.abstractmethod
+    async def active_count(self) -> int:
+        """How many sessions hold an admission now (a stale one counts until the next admission
+        drops it)."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionMeta | None:
@@ -180,19 +319,12 @@ class SessionStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def truncate_frames(self, session_id: str, n: int) -> None:
-        """Drop frames with seq >= n, so n_frames becomes min(n, n_frames).
-
-        Raises SessionNotFound for an unknown session, ValueError for n < 0.
-        """
-
-    @abc.abstractmethod
     async def list_sessions(self, owner: str) -> list[SessionMeta]:
         """The owner's sessions, newest (largest created_at) first."""
 
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> None:
-        """Remove a session and all its frames; a no-op for an unknown id."""
+        """Remove a session and all its frames (and release it); a no-op for an unknown id."""
 
     @abc.abstractmethod
     async def close(self) -> None:
