@@ -22,9 +22,12 @@ import redis
 
 import lumos.store
 from lumos.store import (
+    Admission,
+    AdmissionRefused,
     FrameConflict,
     FrameRecord,
     RedisStore,
+    SessionBusy,
     SessionExists,
     SessionMeta,
     SessionNotFound,
@@ -248,32 +251,6 @@ def test_get_frames_ranges(opener: Opener) -> None:
     run(opener, body)
 
 
-def test_truncate(opener: Opener) -> None:
-    async def body(store: SessionStore) -> None:
-        await store.create_session(session())
-        await fill(store, 5)
-        await store.truncate_frames("s1", 7)  # beyond the end: nothing to drop
-        assert (await store.get_session("s1")).n_frames == 5
-        await store.truncate_frames("s1", 2)
-        assert (await store.get_session("s1")).n_frames == 2
-        assert await store.get_frames("s1") == [frame(0), frame(1)]
-        assert await store.get_frames("s1", 2, 5) == []
-        # The discarded tail may be regenerated differently.
-        assert await store.append_frame(frame(2, salt=9)) is True
-        assert await store.get_frames("s1", 2) == [frame(2, salt=9)]
-        await store.truncate_frames("s1", 0)
-        assert (await store.get_session("s1")).n_frames == 0
-        assert await store.get_frames("s1") == []
-        with pytest.raises(FrameConflict):
-            await store.append_frame(frame(1))
-        with pytest.raises(ValueError):
-            await store.truncate_frames("s1", -1)
-        with pytest.raises(SessionNotFound):
-            await store.truncate_frames("nope", 0)
-
-    run(opener, body)
-
-
 # -- listing, deletion, persistence --------------------------------------------------------
 
 
@@ -392,6 +369,144 @@ def test_many_writers_commit_each_seq_once(opener: Opener) -> None:
         assert await stores[-1].get_frames("s1") == [frame(seq) for seq in range(n_frames)]
 
     run(opener, body, n_stores=3)
+
+
+# -- admission: one atomic check-and-reserve ---------------------------------------------------
+
+
+def admission(active: int = 32, per_owner: int = 1000, stored: int = 1000, **kw) -> Admission:
+    return Admission(
+        max_active=active, max_active_per_owner=per_owner, max_stored_per_owner=stored, **kw
+    )
+
+
+def test_cap_holds_for_50_parallel_creates_over_4_store_objects(opener: Opener) -> None:
+    limits = admission(active=32)
+
+    async def create(store: SessionStore, i: int) -> str | None:
+        try:
+            await store.create_session(session(f"c{i}", owner=f"owner-{i}"), limits)
+        except AdmissionRefused as e:
+            assert e.reason == "sessions_cap" and e.retry_after_s == 5
+            assert "too many sessions" in str(e)
+            return None
+        return f"c{i}"
+
+    async def body(*stores: SessionStore) -> None:
+        await stores[0].create_session(session("kept"))  # no admission: not counted
+        results = await asyncio.gather(*(create(stores[i % 4], i) for i in range(50)))
+        admitted = [sid for sid in results if sid]
+        assert len(admitted) == 32
+        assert await stores[1].active_count() == 32
+        for i, sid in enumerate(results):  # a refused create stored nothing
+            assert (await stores[2].get_session(f"c{i}") is None) == (sid is None)
+        assert (await stores[0].get_session("kept")).n_frames == 0
+        # finishing one frees one place, and only one
+        await stores[0].update_session(admitted[0], status="done")
+        assert await stores[0].active_count() == 31
+        results = await asyncio.gather(*(create(stores[i % 4], 100 + i) for i in range(5)))
+        assert sum(1 for sid in results if sid) == 1
+
+    run(opener, body, n_stores=4)
+
+
+def test_per_owner_limits_hold_under_concurrency(opener: Opener) -> None:
+    async def body(a: SessionStore, b: SessionStore) -> None:
+        limits = admission(per_owner=3, stored=5)
+        tries = [
+            (a, b)[i % 2].create_session(session(f"o{i}", owner="greedy"), limits)
+            for i in range(12)
+        ]
+        results = await asyncio.gather(*tries, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, AdmissionRefused)]
+        assert len(refused) == 9 and {r.reason for r in refused} == {"owner_cap"}
+        assert "3 sessions generating (limit 3)" in str(refused[0])
+        assert len(await a.list_sessions("greedy")) == 3
+        await a.create_session(session("other", owner="modest"), limits)  # another owner: fine
+        for m in await a.list_sessions("greedy"):
+            await a.update_session(m.session_id, status="done")
+        await a.create_session(session("g4", owner="greedy"), limits)
+        await a.create_session(session("g5", owner="greedy"), limits)
+        with pytest.raises(AdmissionRefused, match="keeps 5 sessions") as kept:
+            await a.create_session(session("g6", owner="greedy"), limits)
+        assert kept.value.reason == "owner_cap"
+        await a.delete_session("g5")
+        await b.create_session(session("g6", owner="greedy"), limits)
+
+    run(opener, body, n_stores=2)
+
+
+def test_reserve_release_and_what_ends_an_admission(opener: Opener) -> None:
+    async def body(store: SessionStore) -> None:
+        limits = admission(active=2)
+        await store.create_session(session("a"), limits)
+        with pytest.raises(SessionBusy):  # created queued: already active
+            await store.reserve("a", limits)
+        await store.update_session("a", status="running")  # still active
+        assert await store.active_count() == 1
+        await store.update_session("a", status="done")  # finished (or cancelled)
+        assert await store.active_count() == 0
+        await store.reserve("a", limits)  # an extend
+        with pytest.raises(SessionBusy):
+            await store.reserve("a", limits)
+        await store.create_session(session("b"), limits)
+        await store.create_session(session("c", created_at=5.0))
+        await store.update_session("c", status="done")
+        before = await store.get_session("c")
+        with pytest.raises(AdmissionRefused) as refused:
+            await store.reserve("c", limits)
+        assert refused.value.reason == "sessions_cap"
+        assert await store.get_session("c") == before  # a refusal changes nothing
+        await store.update_session("b", status="failed")  # a failure ends it too
+        await store.reserve("c", limits)
+        await store.delete_session("c")  # so does a delete
+        await store.release("a")  # and an explicit release (idempotent)
+        await store.release("a")
+        assert await store.active_count() == 0
+        with pytest.raises(SessionNotFound):
+            await store.reserve("nope", limits)
+
+    run(opener, body)
+
+
+def test_a_stale_reservation_stops_counting(opener: Opener) -> None:
+    async def body(store: SessionStore) -> None:
+        limits = admission(active=1, stale_s=0.3)
+        await store.create_session(session("a"))
+        await store.update_session("a", status="done")
+        await store.reserve("a", limits)  # ... and the caller dies before starting it
+        await store.create_session(session("b"))
+        await store.update_session("b", status="done")
+        with pytest.raises(AdmissionRefused):
+            await store.reserve("b", limits)
+        await asyncio.sleep(0.4)
+        await store.reserve("b", limits)  # a's reservation was stale (status still "done")
+        await store.update_session("b", status="running")
+        await asyncio.sleep(0.4)
+        with pytest.raises(AdmissionRefused):  # b is generating: never stale
+            await store.reserve("a", limits)
+
+    run(opener, body)
+
+
+def test_text_that_is_not_utf8_is_refused_before_anything_is_stored(opener: Opener) -> None:
+    async def body(store: SessionStore) -> None:
+        with pytest.raises(ValueError, match="surrogate"):
+            SessionMeta("x", "h", "owner-a", prompts=[[0, "a \ud800 cat"]])
+        await store.create_session(session())
+        before = await store.get_session("s1")
+        with pytest.raises(ValueError, match="surrogate"):
+            await store.update_session("s1", prompts=[[0, "ok"], [2, "bad \udfff"]])
+        with pytest.raises(ValueError, match="surrogate"):
+            await store.update_session("s1", settings={"note": "\ud83d"})
+        assert await store.get_session("s1") == before
+        failed = await store.update_session("s1", status="failed", error="boom \ud800")
+        assert failed.error == "boom \ufffd"
+        assert [m.session_id for m in await store.list_sessions("owner-a")] == ["s1"]
+        emoji = await store.update_session("s1", prompts=[[0, "a cat \U0001f431"]])
+        assert (await store.get_session("s1")).prompts == emoji.prompts == [[0, "a cat \U0001f431"]]
+
+    run(opener, body)
 
 
 _PROCESS_WRITER = """

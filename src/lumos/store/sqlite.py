@@ -3,7 +3,9 @@
 One file, WAL journal, stdlib sqlite3. Each call runs in a worker thread (`asyncio.to_thread`) under
 a lock that serialises use of this object's connection. Writes run in `BEGIN IMMEDIATE`
 transactions, which take SQLite's write lock up front, so several processes (or several store
-objects) on the same file see each append as one atomic check-and-insert.
+objects) on the same file see each append as one atomic check-and-insert, and each admission
+(`create_session(meta, admission)`, `reserve`) as one atomic check-and-reserve on the `active`
+table (a row per active session: id, owner, since).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lumos.store.base import (
+    ACTIVE_STATUSES,
+    Admission,
     FrameConflict,
     FrameRecord,
+    SessionBusy,
     SessionExists,
     SessionMeta,
     SessionNotFound,
@@ -30,6 +35,7 @@ from lumos.store.base import (
     check_range,
     check_update,
     dump_json,
+    releases,
 )
 
 T = TypeVar("T")
@@ -60,6 +66,12 @@ CREATE TABLE IF NOT EXISTS frames (
     meta       TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
+CREATE TABLE IF NOT EXISTS active (
+    session_id TEXT PRIMARY KEY REFERENCES sessions (session_id) ON DELETE CASCADE,
+    owner      TEXT NOT NULL,
+    since      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS active_by_owner ON active (owner);
 """
 
 _SESSION_COLS = (
@@ -155,7 +167,7 @@ class SQLiteStore(SessionStore):
 
     # -- sessions --------------------------------------------------------------------------
 
-    async def create_session(self, meta: SessionMeta) -> None:
+    async def create_session(self, meta: SessionMeta, admission: Admission | None = None) -> None:
         if meta.n_frames != 0:
             raise ValueError(f"a new session has no frames, got n_frames={meta.n_frames}")
         row = (
@@ -172,14 +184,93 @@ class SQLiteStore(SessionStore):
             meta.worker,
             meta.error,
         )
-        await self._run(self._create, row)
+        await self._run(self._create, row, admission, time.time())
 
-    def _create(self, conn: sqlite3.Connection, row: tuple) -> None:
+    def _create(
+        self, conn: sqlite3.Connection, row: tuple, admission: Admission | None, now: float
+    ) -> None:
+        session_id, owner = row[0], row[2]
         with self._tx(conn, write=True):
+            if admission is not None:
+                exists = conn.execute(
+                    "SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)
+                ).fetchone()
+                if exists:
+                    raise SessionExists(session_id)
+                self._admit(conn, owner, admission, now, new=True)
             try:
                 conn.execute(_INSERT_SESSION, row)
             except sqlite3.IntegrityError:
-                raise SessionExists(row[0]) from None
+                raise SessionExists(session_id) from None
+            if admission is not None:
+                conn.execute(
+                    "INSERT INTO active (session_id, owner, since) VALUES (?, ?, ?)",
+                    (session_id, owner, now),
+                )
+
+    @staticmethod
+    def _admit(
+        conn: sqlite3.Connection, owner: str, admission: Admission, now: float, new: bool
+    ) -> None:
+        """Inside a write transaction: drop stale reservations, raise if a limit is reached."""
+        conn.execute(
+            "DELETE FROM active WHERE since < ? AND session_id IN "
+            "(SELECT session_id FROM sessions WHERE status NOT IN ('queued', 'running'))",
+            (now - admission.stale_s,),
+        )
+        (total,) = conn.execute("SELECT COUNT(*) FROM active").fetchone()
+        if total >= admission.max_active:
+            raise admission.refusal("sessions_cap", total)
+        (mine,) = conn.execute("SELECT COUNT(*) FROM active WHERE owner = ?", (owner,)).fetchone()
+        if mine >= admission.max_active_per_owner:
+            raise admission.refusal("owner_cap", mine)
+        if new:
+            (kept,) = conn.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)
+            ).fetchone()
+            if kept >= admission.max_stored_per_owner:
+                raise admission.refusal("owner_stored", kept)
+
+    async def reserve(self, session_id: str, admission: Admission) -> None:
+        await self._run(self._reserve, session_id, admission, time.time())
+
+    def _reserve(
+        self, conn: sqlite3.Connection, session_id: str, admission: Admission, now: float
+    ) -> None:
+        with self._tx(conn, write=True):
+            row = conn.execute(
+                "SELECT owner, status FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                raise SessionNotFound(session_id)
+            owner, status = row
+            held = conn.execute(
+                "SELECT since FROM active WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            fresh = held is not None and held[0] >= now - admission.stale_s
+            if status in ACTIVE_STATUSES or fresh:
+                raise SessionBusy(f"session {session_id!r} is already generating")
+            conn.execute("DELETE FROM active WHERE session_id = ?", (session_id,))
+            self._admit(conn, owner, admission, now, new=False)
+            conn.execute(
+                "INSERT INTO active (session_id, owner, since) VALUES (?, ?, ?)",
+                (session_id, owner, now),
+            )
+
+    async def release(self, session_id: str) -> None:
+        await self._run(self._release, session_id)
+
+    def _release(self, conn: sqlite3.Connection, session_id: str) -> None:
+        with self._tx(conn, write=True):
+            conn.execute("DELETE FROM active WHERE session_id = ?", (session_id,))
+
+    async def active_count(self) -> int:
+        return await self._run(self._active_count)
+
+    @staticmethod
+    def _active_count(conn: sqlite3.Connection) -> int:
+        (n,) = conn.execute("SELECT COUNT(*) FROM active").fetchone()
+        return int(n)
 
     async def get_session(self, session_id: str) -> SessionMeta | None:
         return await self._run(self._get, session_id)
@@ -193,13 +284,16 @@ class SQLiteStore(SessionStore):
 
     async def update_session(self, session_id: str, **fields: Any) -> SessionMeta:
         fields = check_update(fields)
+        release = releases(fields)
         for key in ("settings", "prompts"):
             if key in fields:
                 fields[key] = dump_json(fields[key])
         fields["updated_at"] = time.time()
-        return await self._run(self._update, session_id, fields)
+        return await self._run(self._update, session_id, fields, release)
 
-    def _update(self, conn: sqlite3.Connection, session_id: str, fields: dict) -> SessionMeta:
+    def _update(
+        self, conn: sqlite3.Connection, session_id: str, fields: dict, release: bool
+    ) -> SessionMeta:
         assignments = ", ".join(f"{key} = ?" for key in fields)  # keys checked by check_update
         with self._tx(conn, write=True):
             cur = conn.execute(
@@ -208,6 +302,8 @@ class SQLiteStore(SessionStore):
             )
             if cur.rowcount == 0:
                 raise SessionNotFound(session_id)
+            if release:
+                conn.execute("DELETE FROM active WHERE session_id = ?", (session_id,))
             meta = self._get(conn, session_id)
         assert meta is not None
         return meta
@@ -229,6 +325,7 @@ class SQLiteStore(SessionStore):
 
     def _delete(self, conn: sqlite3.Connection, session_id: str) -> None:
         with self._tx(conn, write=True):
+            conn.execute("DELETE FROM active WHERE session_id = ?", (session_id,))
             conn.execute("DELETE FROM frames WHERE session_id = ?", (session_id,))
             conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
 
@@ -296,21 +393,6 @@ class SQLiteStore(SessionStore):
             FrameRecord(session_id, seq, tokens, (h, w), pixels, json.loads(meta))
             for seq, tokens, h, w, pixels, meta in rows
         ]
-
-    async def truncate_frames(self, session_id: str, n: int) -> None:
-        if n < 0:
-            raise ValueError(f"truncate_frames needs n >= 0, got {n}")
-        await self._run(self._truncate, session_id, n, time.time())
-
-    def _truncate(self, conn: sqlite3.Connection, session_id: str, n: int, now: float) -> None:
-        with self._tx(conn, write=True):
-            if n >= self._n_frames(conn, session_id):
-                return
-            conn.execute("DELETE FROM frames WHERE session_id = ? AND seq >= ?", (session_id, n))
-            conn.execute(
-                "UPDATE sessions SET n_frames = ?, updated_at = ? WHERE session_id = ?",
-                (n, now, session_id),
-            )
 
     # -- lifecycle -------------------------------------------------------------------------
 
