@@ -152,6 +152,7 @@ def load_into(model: Lumos, folder: str | Path, hf_names: bool) -> LoadReport:
     folder = Path(folder)
     params = dict(model.state_dict())
     seen: set[str] = set()
+    shapes: list[str] = []
     rep = LoadReport()
     with torch.no_grad():
         for shard in _shards(folder):
@@ -169,13 +170,16 @@ def load_into(model: Lumos, folder: str | Path, hf_names: bool) -> LoadReport:
                     if t.shape != dst.shape:
                         fitted = _fit_head_norm(t, dst) if name.endswith(_NORM_SUFFIXES) else None
                         if fitted is None:
-                            raise ValueError(
+                            shapes.append(
                                 f"{key}: checkpoint shape {tuple(t.shape)} != model "
                                 f"{tuple(dst.shape)}"
                             )
+                            continue
                         t = fitted
                     dst.copy_(t.to(dst.dtype))
                     seen.add(name)
+    if shapes:  # never run with a parameter left unloaded: always an error, all of them at once
+        raise ValueError(f"{len(shapes)} tensors do not fit the model: " + "; ".join(shapes))
     rep.missing = sorted(set(params) - seen)
     return rep
 
