@@ -387,6 +387,27 @@ def test_streaming_window_is_capped_by_the_tokenizers_context():
     assert deep.context_latents is None and StreamingDecoder(deep, window=4).window == 4
 
 
+def test_capped_window_decodes_only_what_it_needs():
+    tok = tiny()  # a per-frame tokenizer: each latent decodes alone (review: the deque kept 2)
+    stream = StreamingDecoder(tok, window=4)
+    codes = tok.encode(rand_video(3))
+    stream.push(codes[0])
+    window, new = stream.stage(codes[1])
+    assert window.shape[0] == 1 and new == 1  # one latent decoded per frame, not the uncapped 4
+
+
+def test_batch_validation_checks_every_element():
+    tok = tiny()
+    codes = tok.encode(rand_video(2)).unsqueeze(0).repeat(2, 1, 1, 1)  # [2, t, h, w]
+    codes[1, 0, 0, 0] = tok.codebook_size  # out of range in the SECOND element only
+    with pytest.raises(ValueError, match="codes must lie in"):
+        tok.decode_batch(codes)
+    with pytest.raises(ValueError, match="B >= 1"):
+        tok.decode_batch(codes[:0])
+    with pytest.raises(ValueError, match="B >= 1"):
+        tok.encode_batch(torch.zeros(0, 1, 16, 16, 3, dtype=torch.uint8))
+
+
 def test_decode_streams_batches_many_sessions_like_push():
     tok = tiny(temporal=4, temporal_kernel=3)
     videos = [tok.encode(rand_video(13, seed=i)) for i in range(3)]  # 4 latents each
