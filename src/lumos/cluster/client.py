@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import io
 import logging
-import math
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -30,8 +28,18 @@ import ray
 
 from lumos.cluster import runtime
 from lumos.cluster.runtime import ACTOR_GONE_ERRORS, ServeConfig
-from lumos.cluster.session import SessionActor, SessionDeactivating, frame_dict, state_dict
-from lumos.store import ACTIVE_STATUSES, FrameRecord, SessionMeta, SessionNotFound, open_store
+from lumos.cluster.host import get_host, shard_of
+from lumos.cluster.placement import worker_load
+from lumos.cluster.session import frame_dict, state_dict
+from lumos.store import (
+    ACTIVE_STATUSES,
+    AdmissionRefused,
+    FrameRecord,
+    SessionBusy,
+    SessionMeta,
+    SessionNotFound,
+    open_store,
+)
 
 log = logging.getLogger("lumos.client")
 
@@ -52,8 +60,8 @@ class NoWorkersError(RuntimeError):
     """No worker is registered in the cluster (start one with `lumos worker`)."""
 
 
-class LimitExceeded(ValueError):
-    """A capacity limit (e.g. max_sessions) is reached: retry later (HTTP 429)."""
+# A capacity limit is reached (HTTP 429): the store's atomic admission refused the request.
+LimitExceeded = AdmissionRefused
 
 
 def token_hash(token: str) -> str:
@@ -67,7 +75,7 @@ class LumosClient:
         self.cfg = cfg
         self.store = store
         self.owns_ray = owns_ray
-        self._handles: dict[str, Any] = {}
+        self._hosts: list[Any] = []  # session host handles, index = shard (runtime.host_name)
         self._workers: dict[str, dict] = {}  # name -> info + load
         self._model: dict | None = None  # info() of a worker: resolution, defaults
         self._refresher: asyncio.Task | None = None
@@ -76,18 +84,41 @@ class LumosClient:
     # -- life -------------------------------------------------------------------------------------
     @classmethod
     async def start(cls, cfg: ServeConfig) -> LumosClient:
-        """Connect to (or start) Ray, open the store, ensure workers, learn the model settings."""
+        """Connect to (or start) Ray, open the store, ensure workers and session hosts, learn the
+        model settings."""
         owns = runtime.connect(cfg)
         client = cls(cfg, open_store(cfg.store_url), owns)
         try:
             if cfg.workers > 0 and not runtime.list_workers(cfg.namespace):
                 runtime.start_local_workers(cfg)
+            await client._start_hosts()
             await client.refresh_workers(timeout_s=WORKER_START_TIMEOUT_S)
         except BaseException:
             await client.close()
             raise
         client._refresher = asyncio.get_running_loop().create_task(client._refresh_loop())
         return client
+
+    async def _start_hosts(self) -> None:
+        """Get or create the session hosts; host 0 says how many the cluster has."""
+        cfg = self.cfg
+        wanted = cfg.session_hosts or max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        first = get_host(cfg.store_url, cfg.namespace, 0, wanted, cfg.session_idle_s)
+        n = int(await first.shards.remote())
+        self._hosts = [first] + [
+            get_host(cfg.store_url, cfg.namespace, i, n, cfg.session_idle_s) for i in range(1, n)
+        ]
+
+    def host(self, session_id: str):
+        """The handle of the session host that owns session_id (see lumos.cluster.host)."""
+        return self._hosts[shard_of(session_id, len(self._hosts))]
+
+    async def hosts(self) -> list[dict]:
+        """Each session host's stats (active grains, RSS, node); an unreachable one is left out."""
+        out = await asyncio.gather(
+            *(asyncio.wait_for(h.stats.remote(), 10) for h in self._hosts), return_exceptions=True
+        )
+        return [s for s in out if isinstance(s, dict)]
 
     async def close(self) -> None:
         """Close the store; shut Ray down if this client started it. Idempotent."""
@@ -155,19 +186,6 @@ class LumosClient:
             raise NoWorkersError("no worker is registered: start one with `lumos worker`")
         return self._model
 
-    async def _running_sessions(self) -> int:
-        await self.refresh_workers()
-        return sum(int(w["load"].get("sessions", 0)) for w in self._workers.values())
-
-    async def _check_capacity(self) -> None:
-        limit = self.cfg.limits.max_sessions
-        running = await self._running_sessions()
-        if running >= limit:
-            raise LimitExceeded(
-                f"too many sessions are generating right now ({running}, limit {limit}); "
-                "try again later"
-            )
-
     async def _encode_image(self, png: bytes) -> dict:
         for _ in range(3):
             live = sorted(self._workers.values(), key=lambda w: w["load"].get("sessions", 0))
@@ -217,65 +235,6 @@ class LumosClient:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
         return meta
 
-    # -- validation -------------------------------------------------------------------------------
-    def _check_prompt(self, prompt: Any, required: bool = True) -> None:
-        if prompt is None and not required:
-            return
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        limit = self.cfg.limits.max_prompt_chars
-        if len(prompt) > limit:
-            raise ValueError(f"prompt is {len(prompt)} characters long; the limit is {limit}")
-
-    def _check_frames(self, frames: Any, have: int = 0) -> int:
-        lim = self.cfg.limits
-        if isinstance(frames, bool) or not isinstance(frames, int):
-            raise ValueError(f"frames must be an integer, got {frames!r}")
-        if not 1 <= frames <= lim.max_frames_per_request:
-            raise ValueError(
-                f"frames must be between 1 and {lim.max_frames_per_request} per request, "
-                f"got {frames}"
-            )
-        if have + frames > lim.max_frames_per_session:
-            raise ValueError(
-                f"a session holds at most {lim.max_frames_per_session} frames; it has {have} "
-                f"and {frames} more were requested"
-            )
-        return frames
-
-    def _check_sampler(self, steps: Any, cfg_scale: Any, seed: Any) -> None:
-        lim = self.cfg.limits
-        if steps is not None:
-            lo, hi = lim.steps
-            if isinstance(steps, bool) or not isinstance(steps, int) or not lo <= steps <= hi:
-                raise ValueError(f"steps must be an integer between {lo} and {hi}, got {steps!r}")
-        if cfg_scale is not None:
-            lo, hi = lim.cfg
-            ok = isinstance(cfg_scale, int | float) and not isinstance(cfg_scale, bool)
-            if not ok or not math.isfinite(cfg_scale) or not lo <= cfg_scale <= hi:
-                raise ValueError(
-                    f"cfg_scale must be a number between {lo} and {hi}, got {cfg_scale!r}"
-                )
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-
-    def _check_image(self, image_png: Any) -> None:
-        if not isinstance(image_png, bytes | bytearray | memoryview):
-            raise ValueError("image must be bytes (a PNG or JPEG file)")
-        limit = self.cfg.limits.max_image_bytes
-        if len(image_png) > limit:
-            raise ValueError(f"image is {len(image_png)} bytes; the limit is {limit} bytes")
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(bytes(image_png))) as im:
-                im.verify()
-        except Exception:
-            raise ValueError("image is not a decodable PNG or JPEG file") from None
-
     # -- sessions ---------------------------------------------------------------------------------
     async def create_session(
         self,
@@ -292,16 +251,16 @@ class LumosClient:
         With image_png (image-to-video) the image, resized to the model resolution and encoded on
         a worker, is frame 0 and `frames` frames follow it.
         """
-        self._check_prompt(prompt)
+        limits = self.cfg.limits  # the one set of input checks (lumos.cluster.limits)
+        prompt = limits.check_prompt(prompt)
         have = 1 if image_png is not None else 0
-        self._check_frames(frames, have)
-        self._check_sampler(steps, cfg_scale, seed)
+        limits.check_frames(frames, have)
+        limits.check_sampler(steps, cfg_scale, seed)
         if image_png is not None:
-            self._check_image(image_png)
+            limits.check_image(image_png)
         if not isinstance(owner, str):
             raise ValueError("owner must be a string")
         model = await self._model_info()
-        await self._check_capacity()
 
         fps, temporal = int(model["fps"]), int(model["temporal"])
         total = have + frames
@@ -320,7 +279,6 @@ class LumosClient:
             "temporal": temporal,
             "model": model["model"],
         }
-        first = await self._encode_image(bytes(image_png)) if image_png is not None else None
         session_id = uuid.uuid4().hex
         token = secrets.token_urlsafe(32)
         meta = SessionMeta(
@@ -330,20 +288,27 @@ class LumosClient:
             settings=settings,
             prompts=[[0, prompt]],
         )
-        await self.store.create_session(meta)
-        if first is not None:
-            codes = np.asarray(first["codes"], dtype=np.int32)
-            await self.store.append_frame(
-                FrameRecord(
-                    session_id,
-                    0,
-                    codes.astype("<i4").tobytes(),
-                    codes.shape,
-                    first["pixels"],
-                    {"source": "image", "prompt": 0, "rgb_frames": 1},
+        # ADMISSION HOOK: store + reserve in one atomic step (AdmissionRefused: nothing stored)
+        await self.store.create_session(meta, limits.admission())
+        try:
+            if image_png is not None:
+                first = await self._encode_image(bytes(image_png))
+                codes = np.asarray(first["codes"], dtype=np.int32)
+                await self.store.append_frame(
+                    FrameRecord(
+                        session_id,
+                        0,
+                        codes.astype("<i4").tobytes(),
+                        codes.shape,
+                        first["pixels"],
+                        {"source": "image", "prompt": 0, "rgb_frames": 1},
+                    )
                 )
-            )
-        state = await self._extend(session_id, frames, None)
+            state = await self._extend(session_id, frames, None)
+        except BaseException:
+            # the caller gets no token: leave nothing behind (this also releases the place)
+            await asyncio.shield(self.delete_session(session_id))
+            raise
         return state, token
 
     async def verify(self, session_id: str, token: str) -> bool:
@@ -357,17 +322,27 @@ class LumosClient:
 
     async def extend(self, session_id: str, frames: int, prompt: str | None = None) -> dict:
         """Generate `frames` more frames (with a new prompt from the next frame on, if given)."""
-        self._check_prompt(prompt, required=False)
+        limits = self.cfg.limits
+        prompt = limits.check_prompt(prompt, required=False)
         meta = await self._meta(session_id)
-        self._check_frames(frames, meta.n_frames)
+        limits.check_frames(frames, meta.n_frames)
+        busy = f"session {session_id} is already generating; wait until it is done"
         if meta.status in ACTIVE_STATUSES:
             state = await self._call(session_id, "state")
             if state["status"] in ACTIVE_STATUSES:
-                raise ValueError(
-                    f"session {session_id} is already generating; wait until it is idle"
-                )
-        await self._check_capacity()
-        return await self._extend(session_id, frames, prompt)
+                raise ValueError(busy)
+        # ADMISSION HOOK: reserve a place atomically (AdmissionRefused: nothing changed)
+        try:
+            await self.store.reserve(session_id, limits.admission())
+        except SessionBusy:
+            raise ValueError(busy) from None
+        except SessionNotFound as e:
+            raise SessionNotFoundError(f"session {session_id!r} does not exist") from e
+        try:
+            return await self._extend(session_id, frames, prompt)
+        except BaseException:
+            await asyncio.shield(self.store.release(session_id))
+            raise
 
     async def _extend(self, session_id: str, frames: int, prompt: str | None) -> dict:
         result = await self._call(session_id, "extend", frames, prompt)

@@ -1,9 +1,10 @@
 """Cluster runtime: the serving config, Ray start/connect, actor names and worker discovery.
 
-Orleans terms (system.md): the Ray cluster is the silo; workers are GPU-pinned grains named
-"worker-<host>-<i>" in the namespace; sessions are grains named "session:<id>". Everything that
-both the API process and the actors need (names, seeds, the list of errors that mean "that actor
-is gone") lives here, and nothing here imports torch.
+Orleans terms (system.md): silos are session hosts ("host-<store key>-<i>", lumos.cluster.host),
+grains are session objects inside them; workers are GPU-pinned grains named "worker-<host>-<i>"
+in the namespace, supervised by Ray (max_restarts=-1). Everything that both the API process and
+the actors need (names, seeds, error messages, the list of errors that mean "that actor is gone")
+lives here, and nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from lumos.cluster.limits import Limits
 from lumos.devices import DTYPE_CHOICES
 
 WORKER_PREFIX = "worker-"
-SESSION_PREFIX = "session:"
+HOST_PREFIX = "host-"
 
 # Errors that mean "the actor (or the object it was producing) is gone": retry elsewhere.
 ACTOR_GONE_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -33,19 +35,6 @@ ACTOR_GONE_ERRORS: tuple[type[BaseException], ...] = tuple(
     )
     if hasattr(ray.exceptions, name)
 )
-
-
-@dataclass
-class Limits:
-    """Request limits checked by the client (ValueError with a clear message when exceeded)."""
-
-    max_prompt_chars: int = 500
-    max_frames_per_request: int = 64  # latent frames (= stored frame records) per call
-    max_frames_per_session: int = 256
-    max_sessions: int = 32  # sessions generating at once, over all workers (soft limit)
-    max_image_bytes: int = 4 << 20
-    steps: tuple[int, int] = (1, 100)
-    cfg: tuple[float, float] = (0.0, 30.0)
 
 
 @dataclass
@@ -70,10 +59,16 @@ class ServeConfig:
     batching: bool = True  # False: one forward per session per step (the benchmark's reference)
     dtype: str = "auto"  # the workers' inference dtype: auto | float32 | bfloat16
     session_idle_s: float = 300.0
+    # session hosts (silos) of the cluster, fixed when its first API process starts (host 0
+    # records it); None: one per alive Ray node then
+    session_hosts: int | None = None
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"  # the API's bind address (used by `lumos serve`)
     port: int = 8000
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra ray.init options
+    # bearer token of the operator endpoint /api/admin/health; None: env LUMOS_ADMIN_TOKEN, and
+    # neither set: the endpoint answers 404
+    admin_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -82,11 +77,17 @@ class ServeConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.session_hosts is not None and self.session_hosts < 1:
+            raise ValueError(f"session_hosts must be >= 1, got {self.session_hosts}")
         if self.session_idle_s <= 0:
             raise ValueError(f"session_idle_s must be > 0, got {self.session_idle_s}")
         if isinstance(self.limits, dict):
             self.limits = Limits(**self.limits)
         self.store_url = resolve_store_url(self.store_url)
+        if self.admin_token is None:
+            self.admin_token = os.environ.get("LUMOS_ADMIN_TOKEN") or None
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin_token must be at least 16 characters long")
 
     # flat read access to the limits (cfg.max_prompt_chars == cfg.limits.max_prompt_chars)
     @property
@@ -157,8 +158,20 @@ def worker_name(index: int, host: str | None = None) -> str:
     return f"{WORKER_PREFIX}{host or hostname()}-{index}"
 
 
-def session_actor_name(session_id: str) -> str:
-    return f"{SESSION_PREFIX}{session_id}"
+def host_name(store_url: str, index: int) -> str:
+    """The name of session host `index` of the cluster serving the store at store_url."""
+    key = hashlib.sha1(store_url.encode()).hexdigest()[:10]
+    return f"{HOST_PREFIX}{key}-{index}"
+
+
+def error_message(exc: BaseException) -> str:
+    """A one-line message for an exception (a Ray task error's innermost cause preferred)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
 def list_workers(namespace: str) -> list[str]:
@@ -193,6 +206,7 @@ def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | 
                 namespace=cfg.namespace,
                 lifetime="detached",
                 get_if_exists=True,
+                max_restarts=-1,  # supervised: Ray restarts a dead worker process
                 **cfg.resources(),
             ).remote(
                 model=cfg.model,
