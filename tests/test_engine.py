@@ -8,7 +8,7 @@ import torch
 from lumos.config import SamplerConfig
 from lumos.engine import Engine, EngineRequest, KVPool, Scheduler
 from lumos.kvcache import KVCache
-from lumos.sampler import VideoRequest, generate
+from lumos.sampler import VideoRequest, generate, window_start
 
 
 def _gen(seed):
@@ -40,6 +40,7 @@ def _codes(events):
         (0, SamplerConfig(steps=3, cfg=3.0)),
         (1, SamplerConfig(steps=4, cfg=1.0)),
         (2, SamplerConfig(steps=3, cfg=2.0, top_k=40, reference_compat=True)),
+        (2, SamplerConfig(steps=3, cfg=2.0, window=2)),  # the window slides at frames 3 and 4
     ],
 )
 def test_engine_alone_equals_sampler_generate(tiny_model, layout, batching, given, sc):
@@ -54,7 +55,9 @@ def test_engine_alone_equals_sampler_generate(tiny_model, layout, batching, give
     st = eng.stats()
     assert st["running"] == 0 and st["waiting"] == 0 and st["frames"] == 3
     assert st["steps"] == 3 * sc.steps
-    assert st["forwards"] == 1 + 3 * (sc.steps + 1)  # prefill + (S steps + commit) per frame
+    assert st["slides"] == (2 if sc.window else 0)
+    # prefill + (S steps + commit) per frame + one prefill per slide
+    assert st["forwards"] == 1 + 3 * (sc.steps + 1) + st["slides"]
 
 
 # -- 2. continuous batching == each session alone --------------------------------------------------
@@ -64,6 +67,7 @@ SESSIONS = {  # id: (text, given frames, n_frames, sampler)
     "b": ([5, 6, 7, 8, 9, 10], 1, 1, SamplerConfig(steps=4, cfg=3.0)),
     "c": (None, 2, 2, SamplerConfig(steps=3, cfg=1.0)),  # one row: mixed row counts
     "d": ([11, 12], 0, 3, SamplerConfig(steps=4, cfg=2.0)),
+    "e": ([13], 2, 3, SamplerConfig(steps=3, cfg=2.0, window=2, window_stride=2)),  # slides once
 }
 
 
@@ -89,7 +93,7 @@ def test_continuous_batching_matches_each_session_alone(tiny_model, layout, batc
         alone_codes[sid] = _codes(eng.run_until_idle())
         alone_logits.update(seen)
 
-    eng = Engine(tiny_model, layout, max_batch=4, batching=batching)
+    eng = Engine(tiny_model, layout, max_batch=5, batching=batching)
     seen = _recording(eng)
     eng.add(_request("a"))
     eng.add(_request("b"))
@@ -97,6 +101,7 @@ def test_continuous_batching_matches_each_session_alone(tiny_model, layout, batc
     eng.add(_request("c"))
     events += eng.step()  # c joins at step 0 while a and b are mid-frame
     eng.add(_request("d"))
+    eng.add(_request("e"))
     assert eng.stats()["running"] == 3
     events += eng.run_until_idle()
 
@@ -109,11 +114,13 @@ def test_continuous_batching_matches_each_session_alone(tiny_model, layout, batc
     n_frames = sum(len(v) for v in per.values())
     per_session_steps = sum(n * sc.steps for _, _, n, sc in SESSIONS.values())
     st = eng.stats()
+    assert st["slides"] == 1  # e's window moved once, rebuilding only its rows
+    prefills = len(SESSIONS) + st["slides"]
     if batching:  # prefills + one forward a step for everyone + at most one commit a step
         assert st["steps"] < per_session_steps
-        assert st["forwards"] <= len(SESSIONS) + st["steps"] + n_frames
+        assert st["forwards"] <= prefills + st["steps"] + n_frames
     else:
-        assert st["forwards"] == len(SESSIONS) + per_session_steps + n_frames
+        assert st["forwards"] == prefills + per_session_steps + n_frames
     assert st["batch_kv_bytes"] == 0  # storage freed when idle
 
 
@@ -190,8 +197,9 @@ def test_lru_evicts_the_least_recently_used_idle_cache(tiny_model, layout):
     assert eng.pool.stats.evictions == 1
 
 
-def test_evicted_session_is_rebuilt_and_continues_identically(tiny_model, layout):
-    sc = SamplerConfig(steps=3, cfg=3.0)
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_evicted_session_is_rebuilt_and_continues_identically(tiny_model, layout, window):
+    sc = SamplerConfig(steps=3, cfg=3.0, window=window)
     need = Engine(tiny_model, layout).request_bytes(EngineRequest("x", [5, 6], None, 4, sc))
 
     def two_requests(evict: bool, batching: bool):
@@ -210,9 +218,10 @@ def test_evicted_session_is_rebuilt_and_continues_identically(tiny_model, layout
     one = Engine(tiny_model, layout)
     one.add(EngineRequest("s", [5, 6], None, 4, sc, generator=_gen(7)))
     whole = _codes(one.run_until_idle())
+    slid = window_start(2, window) > 0  # frame 2 moves the window: the warm cache is stale
     for batching in (True, False):
         warm, st = two_requests(False, batching)
-        assert st.hits == 1 and st.rebuilds == 0 and st.evictions == 0
+        assert (st.hits, st.rebuilds) == ((0, 1) if slid else (1, 0)) and st.evictions == 0
         assert torch.equal(warm, whole)  # the warm fast path is the same computation
         cold, st = two_requests(True, batching)
         assert st.rebuilds == 1 and st.evictions >= 1

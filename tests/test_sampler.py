@@ -1,4 +1,5 @@
-"""Per-frame KV-cached MaskGIT sampler: cache == recompute, batched CFG, determinism, I2V."""
+"""Per-frame KV-cached MaskGIT sampler: cache == recompute, batched CFG, determinism, I2V, and
+the rolling context window (positions, exactness when it never slides, continuation)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import torch
 
 from lumos.config import SamplerConfig
 from lumos.sampler import (
-    VideoBatch,
     VideoRequest,
+    VideoState,
+    block_forward,
+    cache_tokens,
+    code_logits,
     generate,
     history_mask,
     keep_count,
     maskgit_step,
+    prefill,
+    window_start,
 )
 
 
@@ -22,12 +28,20 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _probe(batch, seed=3):
-    """Logits of the next block with a fixed partial frame (half the slots known)."""
-    n = batch.layout.n_codes
-    codes = torch.randint(0, 512, (batch.b, n), generator=_gen(seed))
-    known = torch.rand(batch.b, n, generator=_gen(seed + 1)) < 0.5
-    return batch.frame_logits(batch._blocks(), codes, known)
+def _state(model, layout, text, sc, given=None, seed=0):
+    return VideoState(layout, sc, text, 2, 12, given, _gen(seed), model.cfg.rope)
+
+
+def _probe(model, layout, text, sc, given=None, seed=3):
+    """Logits of the next block after `given` frames with a fixed partial frame (half known)."""
+    st = _state(model, layout, text, sc, given)
+    cache = prefill(model, layout, st.prefill_rows(), st.capacity(1))
+    st.begin_frame()
+    n = layout.n_codes
+    st.codes = torch.randint(0, 512, (1, n), generator=_gen(seed))
+    st.known = torch.rand(1, n, generator=_gen(seed + 1)) < 0.5
+    hidden = block_forward(model, st.step_tokens(), st.block_pos, cache)
+    return code_logits(model, hidden, layout.code_offsets)
 
 
 def test_history_mask_indices():
@@ -62,25 +76,40 @@ def test_maskgit_step_keeps_known_and_remasks_least_confident():
     assert k.tolist() == [[True, False, True, False]]
 
 
+WINDOWS = [(None, 1), (2, 1), (3, 2)]  # (window, stride): none, slide every frame, every 2nd
+
+
+@pytest.mark.parametrize("window,stride", WINDOWS)
 @pytest.mark.parametrize("given", [0, 2])
-def test_cached_logits_equal_full_recompute(tiny_model, layout, given):
-    sc = SamplerConfig(steps=4, cfg=3.0)
+def test_cached_logits_equal_full_recompute(tiny_model, layout, given, window, stride):
+    """Every step's logits with the cache (incremental commits, window rebuilds) equal a full
+    frame-causal recompute of the window + block, and so do the codes."""
+    sc = SamplerConfig(steps=3, cfg=3.0, window=window, window_stride=stride)
     giv = torch.randint(0, 512, (given, 3, 4), generator=_gen(0)) if given else None
-    outs = []
+    runs = []
     for use_cache in (True, False):
-        req = VideoRequest([5, 6, 7], 2, given=giv, generator=_gen(11))
-        batch = VideoBatch(tiny_model, layout, [req], sc, use_cache=use_cache)
-        batch.next_frame()  # one committed, history-masked frame in the context
-        outs.append(_probe(batch))
-    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+        seen = {}
+        req = VideoRequest([5, 6, 7], 6, given=giv, generator=_gen(11))
+        codes = generate(
+            tiny_model,
+            layout,
+            [req],
+            sc,
+            use_cache=use_cache,
+            on_logits=lambda i, k, s, lg, seen=seen: seen.__setitem__((i, k, s), lg.clone()),
+        )[0]
+        runs.append((codes, seen))
+    (c1, l1), (c2, l2) = runs
+    assert torch.equal(c1, c2) and set(l1) == set(l2) and len(l1) == 6 * 3
+    for key in l1:
+        assert torch.allclose(l1[key], l2[key], atol=1e-4), key
 
 
 def test_batched_cfg_equals_two_separate_passes(tiny_model, layout):
     g = 4.0
-    both = VideoBatch(tiny_model, layout, [VideoRequest([5, 6], 1)], SamplerConfig(steps=2, cfg=g))
-    cond = VideoBatch(tiny_model, layout, [VideoRequest([5, 6], 1)], SamplerConfig(steps=2, cfg=1))
-    unc = VideoBatch(tiny_model, layout, [VideoRequest(None, 1)], SamplerConfig(steps=2, cfg=1))
-    lb, lc, lu = _probe(both), _probe(cond), _probe(unc)
+    lb = _probe(tiny_model, layout, [5, 6], SamplerConfig(steps=2, cfg=g))
+    lc = _probe(tiny_model, layout, [5, 6], SamplerConfig(steps=2, cfg=1))
+    lu = _probe(tiny_model, layout, None, SamplerConfig(steps=2, cfg=1))
     assert lb.shape[0] == 2 and lc.shape[0] == 1
     assert torch.allclose(lb[0], lc[0], atol=1e-4) and torch.allclose(lb[1], lu[0], atol=1e-4)
 
@@ -96,7 +125,6 @@ def test_same_seed_same_video_and_all_decoded(tiny_model, layout):
 
 def test_every_slot_decoded_after_s_steps(tiny_model, layout):
     sc = SamplerConfig(steps=5, cfg=2.0)
-    batch = VideoBatch(tiny_model, layout, [VideoRequest([5], 1, generator=_gen(0))], sc)
     masked_after = []
     import lumos.sampler as smp
 
@@ -109,7 +137,7 @@ def test_every_slot_decoded_after_s_steps(tiny_model, layout):
 
     smp.maskgit_step = spy
     try:
-        batch.next_frame()
+        generate(tiny_model, layout, [VideoRequest([5], 1, generator=_gen(0))], sc)
     finally:
         smp.maskgit_step = orig
     n = layout.n_codes
@@ -119,23 +147,36 @@ def test_every_slot_decoded_after_s_steps(tiny_model, layout):
 
 def test_commit_history_masks_cache_not_video(tiny_model, layout):
     sc = SamplerConfig(steps=3, cfg=2.0)
-    batch = VideoBatch(tiny_model, layout, [VideoRequest([5], 1, generator=_gen(0))], sc)
-    codes = batch.next_frame()
-    v = layout.vocab
-    for row in batch.rows:  # cond and uncond caches hold the same masked pattern
+    st = _state(tiny_model, layout, [5], sc)
+    cache = prefill(tiny_model, layout, st.prefill_rows(), st.capacity(1))
+    st.begin_frame()
+    while not st.frame_done:
+        st.decode(
+            code_logits(
+                tiny_model,
+                block_forward(tiny_model, st.step_tokens(), st.block_pos, cache),
+                layout.code_offsets,
+            )
+        )
+    toks = st.commit_tokens()  # [rows, B_f]: what enters the cache
+    v, hm = layout.vocab, history_mask(layout.content_len, 0.7)
+    for row in toks:  # cond and uncond caches hold the same masked pattern
+        content = row[3 : 3 + layout.content_len]
+        assert torch.equal(content == v.mask, hm)
+    codes = st.committed()  # the video keeps every code
+    assert codes.shape == (3, 4) and (codes >= 0).all()
+    assert torch.equal(st.frames[-1], codes) and st.k == 1
+    for row in st.prefill_rows():  # a rebuild masks the same slots
         block = row.tokens[-layout.block_len :]
-        content = block[3 : 3 + layout.content_len]
-        assert torch.equal(content == v.mask, history_mask(layout.content_len, 0.7))
-    assert (codes >= 0).all()
+        assert torch.equal(block[3 : 3 + layout.content_len] == v.mask, hm)
 
 
 def test_i2v_given_frame_is_history_masked(tiny_model, layout):
     giv = torch.randint(0, 512, (1, 3, 4), generator=_gen(0))
-    batch = VideoBatch(
-        tiny_model, layout, [VideoRequest([5], 1, given=giv)], SamplerConfig(steps=2)
-    )
-    sp = batch.rows[0].spans[0]
-    content = batch.rows[0].tokens[sp.content_start : sp.content_start + layout.content_len]
+    st = _state(tiny_model, layout, [5], SamplerConfig(steps=2), given=giv)
+    row = st.prefill_rows()[0]
+    sp = row.spans[0]
+    content = row.tokens[sp.content_start : sp.content_start + layout.content_len]
     assert torch.equal(content == layout.vocab.mask, history_mask(layout.content_len, 0.7))
     out = generate(tiny_model, layout, [VideoRequest([5], 2, given=giv)], SamplerConfig(steps=2))
     assert torch.equal(out[0][0], giv[0]) and out[0].shape[0] == 3
@@ -143,18 +184,19 @@ def test_i2v_given_frame_is_history_masked(tiny_model, layout):
 
 def test_continuation_rebuilds_the_same_cache(tiny_model, layout):
     sc = SamplerConfig(steps=3, cfg=3.0)
-    first = VideoBatch(tiny_model, layout, [VideoRequest([5, 6], 4, generator=_gen(5))], sc)
-    frames = torch.cat([first.next_frame() for _ in range(2)])  # [2, h, w]
-    later = VideoBatch(tiny_model, layout, [VideoRequest([5, 6], 2, given=frames)], sc)
-    assert first.cache.lengths == later.cache.lengths
-    assert torch.allclose(_probe(first), _probe(later), atol=1e-4)
+    frames = generate(tiny_model, layout, [VideoRequest([5, 6], 2, generator=_gen(5))], sc)[0]
+    st = _state(tiny_model, layout, [5, 6], sc, given=frames)
+    assert st.lengths == [len(p) + 2 * layout.block_len for p in st.prefixes]
+    a = _probe(tiny_model, layout, [5, 6], sc, given=frames)
+    b = _probe(tiny_model, layout, [5, 6], sc, given=frames.clone())
+    assert torch.equal(a, b)
 
 
 def test_several_videos_in_one_batch_match_alone(tiny_model, layout):
-    sc = SamplerConfig(steps=4, cfg=3.0)
+    sc = SamplerConfig(steps=4, cfg=3.0, window=2)  # the second video slides a frame earlier
     reqs = lambda: [  # noqa: E731
-        VideoRequest([5, 6, 7], 2, generator=_gen(1)),
-        VideoRequest([9], 2, given=torch.zeros(1, 3, 4, dtype=torch.long), generator=_gen(2)),
+        VideoRequest([5, 6, 7], 4, generator=_gen(1)),
+        VideoRequest([9], 4, given=torch.zeros(1, 3, 4, dtype=torch.long), generator=_gen(2)),
     ]
     together = generate(tiny_model, layout, reqs(), sc)
     alone = [generate(tiny_model, layout, [r], sc)[0] for r in reqs()]
@@ -162,11 +204,91 @@ def test_several_videos_in_one_batch_match_alone(tiny_model, layout):
         assert torch.equal(a, b)
 
 
+# -- the rolling window --------------------------------------------------------------------------
+
+
+def test_window_start_rule():
+    assert [window_start(k, None) for k in (0, 15, 10_000)] == [0, 0, 0]
+    assert [window_start(k, 15) for k in (0, 15, 16, 17, 10_000)] == [0, 0, 1, 2, 9_985]
+    # stride 4: the window moves every 4th frame; the decoded frame sits at local 12..15
+    starts = [window_start(k, 15, 4) for k in range(14, 26)]
+    assert starts == [0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12]
+    for k in range(0, 200):
+        local = k - window_start(k, 15, 4)
+        assert local <= 15 and (k <= 15 or local >= 12)
+    with pytest.raises(ValueError, match="window_stride"):
+        SamplerConfig(window=3, window_stride=4)
+    with pytest.raises(ValueError, match="window must be"):
+        SamplerConfig(window=0)
+
+
+def test_frame_10000_sees_positions_of_a_training_clip(tiny_model, layout):
+    """Latent frame 10,000 with W = 15: its block and the window's frames carry the positions
+    of frames 0..15 of a fresh video (docs/LONG_VIDEO.md)."""
+    sc = SamplerConfig(steps=2, window=15)
+    given = torch.randint(0, 512, (10_000, 3, 4), generator=_gen(0))
+    st = _state(tiny_model, layout, [5, 6], sc, given=given)
+    fresh = _state(tiny_model, layout, [5, 6], sc, given=given[:15])
+    assert st.start == 9_985 and len(st.frames) == 15 and torch.equal(st.frames[0], given[9_985])
+    rows, ref = st.prefill_rows(), fresh.prefill_rows()
+    for a, b in zip(rows, ref):
+        assert torch.equal(a.pos3, b.pos3) and torch.equal(a.index, b.index)
+    st.begin_frame()
+    fresh.begin_frame()
+    assert torch.equal(st.block_pos, fresh.block_pos)
+    p0 = st.p0[0]
+    lf = layout.content_len
+    assert torch.equal(st.block_pos[0, 0, 3 : 3 + lf], torch.full((lf,), p0 + 15))  # t = p0 + 15
+    assert int(st.block_pos.max()) < len(st.prefixes[0]) + 16 * layout.block_len
+    assert st.lengths == fresh.lengths  # the cache is a 15-frame cache, not a 10,000-frame one
+
+
+def test_window_at_least_the_video_gives_todays_codes(tiny_model, layout):
+    """W >= the video's length never slides: exactly the codes of no window (same seeds); a
+    smaller window keeps frames 0..W and changes what follows."""
+    for seed in (0, 1):
+        base = dict(steps=3, cfg=3.0)
+        req = lambda seed=seed: [VideoRequest([5, 6], 7, generator=_gen(seed))]  # noqa: E731
+        today = generate(tiny_model, layout, req(), SamplerConfig(**base))[0]
+        for window, stride in ((7, 1), (7, 7), (50, 3)):
+            sc = SamplerConfig(**base, window=window, window_stride=stride)
+            assert torch.equal(generate(tiny_model, layout, req(), sc)[0], today)
+        small = generate(tiny_model, layout, req(), SamplerConfig(**base, window=2))[0]
+        assert torch.equal(small[:3], today[:3]) and not torch.equal(small, today)
+
+
+@pytest.mark.parametrize("window,stride", [(2, 1), (3, 2)])
+def test_windowed_continuation_equals_one_long_run(tiny_model, layout, window, stride):
+    """Continuing a video from its stored frames re-derives the same window (a(k) depends on k
+    alone): 3 + 5 frames in two calls == 8 frames in one."""
+    sc = SamplerConfig(steps=3, cfg=2.0, window=window, window_stride=stride)
+    whole = generate(tiny_model, layout, [VideoRequest([5], 8, generator=_gen(4))], sc)[0]
+    g = _gen(4)
+    first = generate(tiny_model, layout, [VideoRequest([5], 3, generator=g)], sc)[0]
+    both = generate(tiny_model, layout, [VideoRequest([5], 5, given=first, generator=g)], sc)[0]
+    assert torch.equal(both, whole)
+
+
+def test_window_bounds_the_cache(tiny_model, layout):
+    sc = SamplerConfig(steps=2, window=4)
+    bl = layout.block_len
+    assert cache_tokens(10, 0, 3, bl, sc) == 10 + 3 * bl
+    assert cache_tokens(10, 0, 1024, bl, sc) == cache_tokens(10, 5000, 16, bl, sc) == 10 + 5 * bl
+    assert cache_tokens(10, 100, 1024, bl, SamplerConfig()) == 10 + 1124 * bl
+    giv = torch.randint(0, 512, (40, 3, 4), generator=_gen(0))
+    st = _state(tiny_model, layout, [5], sc, given=giv)
+    assert len(st.frames) == 4 and st.capacity(1000) == st.capacity(2)
+
+
 def test_tau_resets_per_frame_unless_reference_compat(tiny_model, layout):
     sc = SamplerConfig(steps=3, reference_compat=True)
-    batch = VideoBatch(tiny_model, layout, [VideoRequest([5], 2, generator=_gen(0))], sc)
-    batch.next_frame()
-    assert batch._tau_state == 0.0  # the released code's compounding temperature is 0 from now on
+    st = _state(tiny_model, layout, [5], sc)
+    cache = prefill(tiny_model, layout, st.prefill_rows(), st.capacity(1))
+    st.begin_frame()
+    while not st.frame_done:
+        hidden = block_forward(tiny_model, st.step_tokens(), st.block_pos, cache)
+        st.decode(code_logits(tiny_model, hidden, layout.code_offsets))
+    assert st.tau_state == 0.0  # the released code's compounding temperature is 0 from now on
     from lumos.sampler import tau_at
 
     assert tau_at(SamplerConfig(steps=3), 0) == pytest.approx(2 / 3)

@@ -4,8 +4,8 @@ Rows are independent sequences (a video's conditional and unconditional streams,
 sessions batched together). Every forward writes its new keys/values at each row's current
 length; `advance` commits them, otherwise the next forward overwrites the same slots (this is how
 the diffusion steps of one frame run against a fixed history without copying it). The serving
-engine holds many of these, so it can report its size, be truncated, and rows can be split off or
-stacked.
+engine holds many of these, so it can report its size, be truncated, and rows can be split off,
+stacked or overwritten (a rolling window's rebuilt rows).
 """
 
 from __future__ import annotations
@@ -116,6 +116,17 @@ class KVCache:
         if any(a > b for a, b in zip(ls, self.lengths, strict=True)):
             raise ValueError(f"cannot truncate to {ls}: longer than {self.lengths}")
         self.lengths = ls
+
+    def assign(self, first_row: int, other: KVCache) -> None:
+        """Overwrite rows [first_row, first_row + other.batch) with `other`'s rows and lengths
+        (a rebuilt window replacing a video's rows in a shared cache)."""
+        n, m = other.batch, max(other.lengths + [1])
+        if first_row < 0 or first_row + n > self.batch:
+            raise ValueError(f"rows [{first_row}, {first_row + n}) outside a cache of {self.batch}")
+        self._ensure(m)
+        self.k[:, first_row : first_row + n, :, :m] = other.k[:, :, :, :m]
+        self.v[:, first_row : first_row + n, :, :m] = other.v[:, :, :, :m]
+        self.lengths[first_row : first_row + n] = other.lengths
 
     def select(self, rows: list[int]) -> KVCache:
         """A new cache holding copies of the given rows (trimmed to their longest length)."""

@@ -1,4 +1,7 @@
-"""Per-frame MaskGIT decoding with a KV cache, CFG and AR-DF history masking (method.md 7).
+"""Per-frame MaskGIT decoding with a KV cache, CFG, AR-DF history masking and a rolling context
+window (method.md 7; docs/LONG_VIDEO.md). One mechanism: `VideoState` decodes one video's frames
+and both drivers use it, `generate` here (a batch of videos, one cache) and the serving engine
+(continuous batching of many sessions).
 
 For each latent frame: append a block whose h*w code slots are MASK; for s = 0..S-1 run one
 forward of the block against the cache for the conditional AND unconditional rows (one batch),
@@ -10,12 +13,22 @@ with an evenly spaced subset of its content replaced by MASK (ratio 0.7), the sa
 every frame and for both streams; the video keeps the clean tokens. Given frames (I2V, or a
 video being continued) enter the cache the same way.
 
+Rolling window (`SamplerConfig.window` = W latent frames, `window_stride` = S). While latent
+frame k is decoded the cache holds the prompt prefix and the committed frames [a(k), k) with
+a(k) = 0 for k <= W, else S * ceil((k - W) / S); every frame j in it is laid out as frame
+j - a(k) of a fresh video (positions, MM-RoPE time axis, block start index), so the frame being
+decoded sits at local index k - a(k) <= W, inside a clip of W + 1 frames. RoPE is baked into the
+cached keys, so a slide (a(k) changes, once every S frames) rebuilds the cache by one prefill
+of the prefix and the window's stored codes. W >= the video's length never slides: the same
+computation as no window at all.
+
 The step-level pieces (`history_mask`, `combine_cfg`, `maskgit_step`, `keep_count`) are plain
-functions so the serving engine can batch steps of many sessions with them.
+functions; `VideoState` strings them together for one video.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,7 +150,33 @@ def maskgit_step(
     return codes, new_known
 
 
-# -- a batch of videos ----------------------------------------------------------------------------
+# -- the rolling window ---------------------------------------------------------------------------
+
+
+def window_start(k: int, window: int | None, stride: int = 1) -> int:
+    """a(k): the first latent frame in the cache while latent frame k is decoded.
+
+    0 without a window or while k <= window; else stride * ceil((k - window) / stride), so the
+    cache holds between window - stride + 1 and window committed frames and the decoded frame
+    sits at local index k - a(k) in [window - stride + 1, window].
+    """
+    if window is None or k <= window:
+        return 0
+    return stride * -(-(k - window) // stride)
+
+
+def cache_tokens(
+    prefix_len: int, t0: int, n_frames: int, block_len: int, cfg: SamplerConfig
+) -> int:
+    """The most tokens a row's cache holds while `n_frames` latent frames are made after `t0`:
+    the prefix plus the window's frames (and the last committed one) or every frame."""
+    held = t0 - window_start(t0, cfg.window, cfg.window_stride) + n_frames
+    if cfg.window is not None:
+        held = min(held, cfg.window + 1)
+    return prefix_len + held * block_len
+
+
+# -- one video ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -145,164 +184,214 @@ class VideoRequest:
     """One video to make: text (None = unconditional), frames to generate, frames given."""
 
     text_ids: list[int] | None
-    n_frames: int
+    n_frames: int  # latent frames to generate
     given: Tensor | None = None  # [t0, h, w] codes already in the video (I2V / continuation)
     duration: int = 2
     fps: int = 12
     generator: torch.Generator | None = None
 
 
-class VideoBatch:
-    """KV-cached generation state for B videos: rows [0, B) conditional, [B, 2B) unconditional."""
+class VideoState:
+    """Decoding state of one video: its rows (conditional, and unconditional when CFG != 1),
+    its window of committed frames, and the frame being decoded.
+
+    The driver owns the KV cache and runs the forwards; this object says what to run
+    (`prefill_rows`, `step_tokens`, `block_pos`, `commit_tokens`) and consumes the results
+    (`decode`, `committed`). Committed codes outside the window are not kept (a running digest
+    of all of them identifies what the cache was built from).
+    """
 
     def __init__(
         self,
-        model,
         layout: Layout,
-        requests: list[VideoRequest],
         cfg: SamplerConfig,
-        use_cache: bool = True,
+        text_ids: list[int] | None,
+        duration: int,
+        fps: int,
+        given: Tensor | None,
+        generator: torch.Generator | None,
+        rope: str,
+        device: torch.device | str = "cpu",
     ) -> None:
-        if not requests:
-            raise ValueError("no requests")
-        self.model, self.layout, self.cfg, self.use_cache = model, layout, cfg, use_cache
-        self.requests = requests
-        self.b = len(requests)
+        self.layout, self.cfg, self.rope, self.device = layout, cfg, rope, torch.device(device)
+        self.generator = generator
         self.has_uncond = cfg.cfg != 1.0
-        self.generators = [r.generator for r in requests]
+        texts = [text_ids] + ([None] if self.has_uncond else [])
+        self.prefixes = [layout.prefix(t, duration, fps) for t in texts]
+        self.p0 = [Layout.p0(len(p)) for p in self.prefixes]
         self.hmask = history_mask(layout.content_len, cfg.history_mask_ratio)  # [L_f]
-        self.device = next(model.parameters()).device
-        self._tau_state = cfg.tau0  # reference_compat: compounding, never reset
-        # the sequences each row holds (prefix + committed frames, history-masked)
-        self.rows: list[Sequence] = []
-        self.p0: list[int] = []
-        self.k = [0 if r.given is None else r.given.shape[0] for r in requests]
-        streams = [r.text_ids for r in requests]
-        if self.has_uncond:
-            streams += [None] * self.b
-        for i, text in enumerate(streams):
-            req = requests[i % self.b]
-            pre = layout.prefix(text, req.duration, req.fps)
-            p0 = Layout.p0(len(pre))
-            self.p0.append(p0)
-            seq = pre
-            if req.given is not None and req.given.shape[0]:
-                given = layout.frames(req.given.cpu(), req.given.shape[0], 0, len(pre), p0)
-                seq = pre + mask_history(layout, given, self.hmask)
-            self.rows.append(seq)
-        self.cache: KVCache | None = None
-        if use_cache:
-            self._prefill()
+        self._hmask_dev = self.hmask.to(self.device)
+        self._offsets = layout.code_offsets.to(self.device)  # [N]
+        given = None if given is None else given.detach().to("cpu", torch.long)
+        self.k = 0 if given is None else given.shape[0]  # latent frame being decoded
+        self.start = window_start(self.k, cfg.window, cfg.window_stride)  # a(k)
+        self.frames: list[Tensor] = [] if given is None else list(given[self.start :].unbind(0))
+        self._digest = hashlib.sha1()
+        if given is not None:
+            self._digest.update(given.contiguous().numpy().tobytes())
+        self.tau_state = cfg.tau0  # reference_compat: compounding, never reset
+        self.s = 0  # diffusion step within the frame
+        self.blocks: list[Sequence] = []
+        self.block_pos: Tensor | None = None  # [rows, 3, B_f]
+        self._block_tokens: Tensor | None = None  # [B_f] the MASK block
+        self.codes: Tensor | None = None  # [1, N]
+        self.known: Tensor | None = None  # [1, N] bool
 
+    # -- what the cache holds ---------------------------------------------------------------------
     @property
     def n_rows(self) -> int:
-        return len(self.rows)
+        return len(self.prefixes)
 
-    def _forward_rows(self, seqs: list[Sequence]) -> Tensor:
-        """Full forward of padded sequences with the frame-causal mask -> hidden [R, L, D]."""
-        rope = self.model.cfg.rope
-        b = pad_batch(seqs, rope, self.layout.vocab.pad)
-        mask = frame_causal_dense(b["frame"], b["valid"]).to(self.device)
-        return self.model(
-            b["tokens"].to(self.device),
-            b["positions"].to(self.device),
-            mask,
-            self.cache,
-            output="hidden",
-        )
+    @property
+    def lengths(self) -> list[int]:
+        """Committed tokens per row: prefix + the window's frames."""
+        held = (self.k - self.start) * self.layout.block_len
+        return [len(p) + held for p in self.prefixes]
 
-    @torch.inference_mode()
-    def _prefill(self) -> None:
-        lay = self.layout
-        total = max(len(s) for s in self.rows)
-        n_new = max(r.n_frames for r in self.requests)
-        cap = total + n_new * lay.block_len
-        param = next(self.model.parameters())
-        self.cache = KVCache.for_model(self.model.cfg, self.n_rows, cap, param.dtype, self.device)
-        self._forward_rows(self.rows)
-        self.cache.advance([len(s) for s in self.rows])
+    @property
+    def digest(self) -> str:
+        """A fingerprint of every committed frame (given and generated)."""
+        return self._digest.hexdigest()
+
+    def capacity(self, n_frames: int) -> int:
+        """Tokens per row the cache needs for `n_frames` more latent frames."""
+        pre = max(len(p) for p in self.prefixes)
+        return cache_tokens(pre, self.k, n_frames, self.layout.block_len, self.cfg)
+
+    def prefill_rows(self) -> list[Sequence]:
+        """Each row's prefix + the window's frames (history-masked, re-based to frame 0)."""
+        lay, n = self.layout, len(self.frames)
+        codes = torch.stack(self.frames) if n else None  # [n, h, w]
+        rows = []
+        for pre, q in zip(self.prefixes, self.p0):
+            seq = pre
+            if n:
+                seq = pre + mask_history(lay, lay.frames(codes, n, 0, len(pre), q), self.hmask)
+            rows.append(seq)
+        return rows
+
+    def needs_slide(self) -> bool:
+        """Whether the window moves before frame k (then the cache must be rebuilt)."""
+        return window_start(self.k, self.cfg.window, self.cfg.window_stride) != self.start
+
+    def slide(self) -> None:
+        """Move the window to a(k) (the driver rebuilds the cache from `prefill_rows`)."""
+        new = window_start(self.k, self.cfg.window, self.cfg.window_stride)
+        self.frames = self.frames[new - self.start :]
+        self.start = new
 
     # -- one frame --------------------------------------------------------------------------------
-    def _blocks(self) -> list[Sequence]:
-        """The MASK block of each row's next frame at its own start index, p0 and k."""
-        return [
-            self.layout.frame_block(self.k[i % self.b], len(s), self.p0[i], None)
-            for i, s in enumerate(self.rows)
-        ]
-
-    def _block_tokens(self, blocks: list[Sequence], codes: Tensor, known: Tensor) -> Tensor:
-        """[R, B_f] block tokens with known codes filled in (rows share their video's codes)."""
+    def begin_frame(self) -> None:
+        """The all-MASK block of frame k at local index k - a(k), at each row's length."""
         lay = self.layout
-        toks = torch.stack([blk.tokens for blk in blocks]).to(self.device)  # [R, B_f]
-        ids = torch.where(known, lay.vocab.visual(codes), torch.full_like(codes, lay.vocab.mask))
-        reps = self.n_rows // self.b
-        toks[:, lay.code_offsets.to(self.device)] = ids.repeat(reps, 1)
+        local = self.k - self.start
+        self.blocks = [lay.frame_block(local, n, q) for n, q in zip(self.lengths, self.p0)]
+        self._block_tokens = self.blocks[0].tokens.to(self.device)  # [B_f]
+        self.block_pos = torch.stack([b.positions(self.rope) for b in self.blocks]).to(
+            self.device
+        )  # [rows, 3, B_f]
+        self.codes = torch.zeros(1, lay.n_codes, dtype=torch.long, device=self.device)
+        self.known = torch.zeros(1, lay.n_codes, dtype=torch.bool, device=self.device)
+        self.s = 0
+
+    def step_tokens(self, known: Tensor | None = None) -> Tensor:
+        """[rows, B_f] the block with the known codes filled in (rows share the codes)."""
+        vocab = self.layout.vocab
+        known = self.known if known is None else known
+        ids = torch.where(known, vocab.visual(self.codes), torch.full_like(self.codes, vocab.mask))
+        toks = self._block_tokens.unsqueeze(0).repeat(self.n_rows, 1)  # [rows, B_f]
+        toks[:, self._offsets] = ids.expand(self.n_rows, -1)
         return toks
 
-    @torch.inference_mode()
-    def frame_logits(self, blocks: list[Sequence], codes: Tensor, known: Tensor) -> Tensor:
-        """Per-row visual logits [R, N, V] at the code slots of the current block."""
-        lay = self.layout
-        toks = self._block_tokens(blocks, codes, known)
-        rope = self.model.cfg.rope
-        if self.use_cache:
-            pos = torch.stack([blk.positions(rope) for blk in blocks]).to(self.device)
-            hidden = self.model(
-                toks, pos, self.cache.key_mask(lay.block_len), self.cache, output="hidden"
-            )  # [R, B_f, D]
-            h = hidden[:, lay.code_offsets.to(self.device)]  # [R, N, D]
-        else:  # recompute: the whole sequence every step, with the frame-causal mask
-            seqs = []
-            for i, (row, blk) in enumerate(zip(self.rows, blocks)):
-                seqs.append(row + blk.with_tokens(toks[i].cpu()))
-            hidden = self._forward_rows(seqs)
-            idx = torch.stack([len(r) + lay.code_offsets for r in self.rows]).to(self.device)
-            h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.model.project(h, self.model.visual_rows()).float()
+    def decode(self, logits: Tensor) -> None:
+        """One MaskGIT step from this video's rows' logits [rows, N, V]."""
+        cfg = self.cfg
+        guided = combine_cfg(logits, 1, cfg.cfg, self.has_uncond)  # [1, N, V]
+        guided = filter_logits(guided, cfg.top_k, cfg.top_p, cfg.temperature)
+        if cfg.reference_compat:
+            self.tau_state *= 1.0 - (self.s + 1) / cfg.steps
+            tau = self.tau_state
+        else:
+            tau = tau_at(cfg, self.s)
+        self.codes, self.known = maskgit_step(
+            self.codes, self.known, guided, self.s, cfg.steps, tau, [self.generator]
+        )
+        self.s += 1
 
-    @torch.inference_mode()
-    def next_frame(self, on_step: Callable[[int], None] | None = None) -> Tensor:
-        """Decode and commit every video's next latent frame; returns codes [B, h, w]."""
-        lay, cfg = self.layout, self.cfg
-        n = lay.n_codes
-        blocks = self._blocks()
-        codes = torch.zeros(self.b, n, dtype=torch.long, device=self.device)
-        known = torch.zeros(self.b, n, dtype=torch.bool, device=self.device)
-        for s in range(cfg.steps):
-            logits = self.frame_logits(blocks, codes, known)
-            guided = combine_cfg(logits, self.b, cfg.cfg, self.has_uncond)
-            guided = filter_logits(guided, cfg.top_k, cfg.top_p, cfg.temperature)
-            if cfg.reference_compat:
-                self._tau_state *= 1.0 - (s + 1) / cfg.steps
-                tau = self._tau_state
-            else:
-                tau = tau_at(cfg, s)
-            codes, known = maskgit_step(codes, known, guided, s, cfg.steps, tau, self.generators)
-            if on_step is not None:
-                on_step(s)
-        self._commit(blocks, codes)
-        return codes.view(self.b, lay.h, lay.w)
+    @property
+    def frame_done(self) -> bool:
+        return self.s >= self.cfg.steps
 
-    @torch.inference_mode()
-    def _commit(self, blocks: list[Sequence], codes: Tensor) -> None:
+    def commit_tokens(self) -> Tensor:
+        """[rows, B_f] the finished block with its history-mask slots replaced by MASK."""
         lay = self.layout
-        full = torch.ones_like(codes, dtype=torch.bool)
-        toks = self._block_tokens(blocks, codes, full).cpu()  # [R, B_f] clean
-        committed = [mask_history(lay, b.with_tokens(t), self.hmask) for b, t in zip(blocks, toks)]
-        toks = torch.stack([c.tokens for c in committed])
-        if self.use_cache:
-            rope = self.model.cfg.rope
-            pos = torch.stack([blk.positions(rope) for blk in blocks]).to(self.device)
-            self.model(
-                toks.to(self.device),
-                pos,
-                self.cache.key_mask(lay.block_len),
-                self.cache,
-                output="hidden",
-            )
-            self.cache.advance(lay.block_len)
-        self.rows = [r + c for r, c in zip(self.rows, committed)]
-        self.k = [k + 1 for k in self.k]
+        toks = self.step_tokens(torch.ones_like(self.known))
+        toks[:, 3 : 3 + lay.content_len][:, self._hmask_dev] = lay.vocab.mask
+        return toks
+
+    def committed(self) -> Tensor:
+        """The driver wrote `commit_tokens` into the cache: frame k is done -> codes [h, w]."""
+        codes = self.codes.view(self.layout.h, self.layout.w).cpu().clone()
+        self.frames.append(codes)
+        self._digest.update(codes.numpy().tobytes())
+        self.k += 1
+        return codes
+
+
+# -- forwards (shared by the drivers) -------------------------------------------------------------
+
+
+def prefill(model, layout: Layout, rows: list[Sequence], capacity: int) -> KVCache:
+    """One padded, frame-causal forward of every row into a new cache of `capacity` tokens."""
+    param = next(model.parameters())
+    cache = KVCache.for_model(model.cfg, len(rows), capacity, param.dtype, param.device)
+    b = pad_batch(rows, model.cfg.rope, layout.vocab.pad)
+    mask = frame_causal_dense(b["frame"], b["valid"]).to(param.device)
+    model(
+        b["tokens"].to(param.device), b["positions"].to(param.device), mask, cache, output="hidden"
+    )
+    cache.advance([len(s) for s in rows])
+    return cache
+
+
+def block_forward(model, toks: Tensor, pos: Tensor, cache) -> Tensor:
+    """Blocks [R, B_f] at positions [R, 3, B_f] against a cache -> hidden [R, B_f, D] (the
+    block's keys/values are written at each row's length, not committed)."""
+    return model(toks, pos, cache.key_mask(toks.shape[1]), cache, output="hidden")
+
+
+def code_logits(model, hidden: Tensor, offsets: Tensor) -> Tensor:
+    """hidden [R, B_f, D] -> visual logits [R, N, V] (float) at the code slots `offsets` [N]."""
+    return model.project(hidden[:, offsets], model.visual_rows()).float()
+
+
+def recompute_logits(model, layout: Layout, states: list[VideoState]) -> Tensor:
+    """The reference without a cache: the whole window + block of every row, frame-causal."""
+    seqs, idx = [], []
+    for st in states:
+        toks = st.step_tokens().cpu()
+        for i, row in enumerate(st.prefill_rows()):
+            seqs.append(row + st.blocks[i].with_tokens(toks[i]))
+            idx.append(len(row) + layout.code_offsets)
+    dev = next(model.parameters()).device
+    b = pad_batch(seqs, model.cfg.rope, layout.vocab.pad)
+    mask = frame_causal_dense(b["frame"], b["valid"]).to(dev)
+    hidden = model(b["tokens"].to(dev), b["positions"].to(dev), mask, None, output="hidden")
+    gather = torch.stack(idx).to(dev).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return model.project(hidden.gather(1, gather), model.visual_rows()).float()
+
+
+# -- the batch driver -----------------------------------------------------------------------------
+
+
+def _states(model, layout: Layout, requests: list[VideoRequest], cfg: SamplerConfig):
+    dev = next(model.parameters()).device
+    return [
+        VideoState(
+            layout, cfg, r.text_ids, r.duration, r.fps, r.given, r.generator, model.cfg.rope, dev
+        )
+        for r in requests
+    ]
 
 
 @torch.inference_mode()
@@ -313,19 +402,56 @@ def generate(
     cfg: SamplerConfig,
     on_frame: Callable[[int, Tensor], None] | None = None,
     use_cache: bool = True,
+    on_logits: Callable[[int, int, int, Tensor], None] | None = None,
 ) -> list[Tensor]:
-    """Generate every request's frames; returns each video's codes [t0 + n_frames, h, w]."""
+    """Generate every request's latent frames; returns each video's codes [t0 + n_frames, h, w].
+
+    One cache for all videos (rows: each video's cond [+ uncond], in request order); a video
+    whose window slides gets its rows rebuilt by a prefill of its own. use_cache=False
+    recomputes the whole window every step (the reference the cache is tested against).
+    on_frame(f, codes [B, h, w]) after each frame; on_logits(video, frame k, step, logits
+    [rows, N, V]) before each step's decoding (a debug hook, as the engine's)."""
     n = {r.n_frames for r in requests}
-    if len(n) != 1:
-        raise ValueError("all videos of one batch must generate the same number of frames")
-    batch = VideoBatch(model, layout, requests, cfg, use_cache=use_cache)
-    out: list[list[Tensor]] = [
-        [] if r.given is None else [r.given.to(batch.device)] for r in requests
-    ]
-    for f in range(n.pop()):
-        codes = batch.next_frame()  # [B, h, w]
+    if not requests or len(n) != 1:
+        raise ValueError("give one or more videos, all generating the same number of frames")
+    n_frames = n.pop()
+    states = _states(model, layout, requests, cfg)
+    first = [0]
+    for st in states:
+        first.append(first[-1] + st.n_rows)
+    offsets = layout.code_offsets.to(states[0].device)
+    cache = None
+    if use_cache:
+        rows = [row for st in states for row in st.prefill_rows()]
+        cache = prefill(model, layout, rows, max(st.capacity(n_frames) for st in states))
+    out: list[list[Tensor]] = [[] if r.given is None else [r.given.cpu()] for r in requests]
+    for f in range(n_frames):
+        for i, st in enumerate(states):
+            if st.needs_slide():
+                st.slide()
+                if use_cache:
+                    own = prefill(model, layout, st.prefill_rows(), st.capacity(n_frames - f))
+                    cache.assign(first[i], own)
+            st.begin_frame()
+        while not states[0].frame_done:
+            if use_cache:
+                toks = torch.cat([st.step_tokens() for st in states])  # [R, B_f]
+                pos = torch.cat([st.block_pos for st in states])  # [R, 3, B_f]
+                logits = code_logits(model, block_forward(model, toks, pos, cache), offsets)
+            else:
+                logits = recompute_logits(model, layout, states)
+            for i, st in enumerate(states):
+                own = logits[first[i] : first[i + 1]]
+                if on_logits is not None:
+                    on_logits(i, st.k, st.s, own)
+                st.decode(own)
+        if use_cache:
+            toks = torch.cat([st.commit_tokens() for st in states])
+            block_forward(model, toks, torch.cat([st.block_pos for st in states]), cache)
+            cache.advance(layout.block_len)
+        codes = torch.stack([st.committed() for st in states])  # [B, h, w]
         for i in range(len(requests)):
             out[i].append(codes[i : i + 1])
         if on_frame is not None:
             on_frame(f, codes)
-    return [torch.cat(o).cpu() for o in out]
+    return [torch.cat(o) for o in out]

@@ -3,13 +3,15 @@
 Plain PyTorch (no Ray, no Redis, no HTTP). Every `step()` is ONE diffusion step of every running
 session, in ONE model forward: the current frame blocks of all sessions (conditional and
 unconditional rows) are stacked into a batch [R, B_f] that runs against the sessions' KV rows of
-different lengths (`key_mask` hides each row's padding). Then, per session and with that
-session's own step index s, steps S, temperature and generator: `combine_cfg`,
-`filter_logits`, `maskgit_step` (the same step functions, in the same order and with the same
-random draws as `VideoBatch.next_frame`, so a session's frames do not depend on its batch
-mates, and a session alone reproduces `lumos.sampler.generate` exactly). Sessions that finish
-step S-1 commit their frame with history masking in one more forward (one for all sessions
-committing in the same step) and emit a `FrameEvent`; then they start their next frame or leave.
+different lengths (`key_mask` hides each row's padding). Each session is a
+`lumos.sampler.VideoState`, the one per-frame mechanism `lumos.sampler.generate` drives too: it
+says what to run (block tokens and positions, prefill and commit tokens) and decodes its own
+rows' logits with its own step index, steps, temperature and generator, so a session's frames do
+not depend on its batch mates and a session alone reproduces `generate` exactly. Sessions that
+finish step S-1 commit their frame with history masking in one more forward (one for all
+sessions committing in the same step) and emit a `FrameEvent`; then they start their next frame
+(sliding their rolling window first when it is due: one prefill of that session's rows, written
+over its rows of the batch storage) or leave.
 New sessions are admitted by the `Scheduler` at step boundaries (KV budget of the `KVPool`),
 prefilled from their prompt and `given` frames (or reuse their warm cache), and start at step 0
 while the others are mid-frame.
@@ -36,7 +38,6 @@ benchmark compares against).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,16 +48,15 @@ from lumos.config import SamplerConfig
 from lumos.engine.pool import KVPool
 from lumos.engine.scheduler import Scheduler
 from lumos.kvcache import KVCache
-from lumos.masks import cache_key_mask, frame_causal_dense
+from lumos.masks import cache_key_mask
 from lumos.sampler import (
-    combine_cfg,
-    filter_logits,
-    history_mask,
-    mask_history,
-    maskgit_step,
-    tau_at,
+    VideoState,
+    block_forward,
+    cache_tokens,
+    code_logits,
+    prefill,
 )
-from lumos.sequence import Layout, Sequence, pad_batch
+from lumos.sequence import Layout
 
 
 @dataclass
@@ -190,6 +190,13 @@ class _BatchCache:
         self.slots[session_id] = (used, n)
         self._set_view(self._lengths() + list(cache.lengths))
 
+    def replace(self, session_id: str, cache: KVCache) -> None:
+        """Overwrite a session's rows with a rebuilt cache (its window slid)."""
+        a, n = self.slots[session_id]
+        if cache.batch != n or max(cache.lengths) > self._k.shape[3]:
+            raise ValueError("a rebuilt cache must have the session's rows and fit the storage")
+        self.view.assign(a, cache)
+
     def detach(self, session_id: str) -> KVCache:
         """Copy a session's rows out (trimmed) and close the hole it leaves."""
         a, n = self.slots.pop(session_id)
@@ -225,38 +232,21 @@ class _BatchCache:
 
 @dataclass
 class _Session:
-    """Decoding state of one running session."""
+    """One running session: its request, its video's decoding state, its cache (batching=False)."""
 
     req: EngineRequest
-    generator: torch.Generator
-    has_uncond: bool
-    p0: list[int]  # per row (cond, uncond)
-    lengths: list[int]  # committed tokens per row
-    need: int  # tokens per row at the end of the request (cache capacity)
-    frames: list[Tensor]  # committed codes [h, w] (given + generated), CPU
+    state: VideoState
+    need: int  # tokens per row the request needs at most (cache capacity)
     cache: KVCache | None = None  # own cache (batching=False)
-    k: int = 0  # latent frame number being decoded
     produced: int = 0
-    s: int = 0  # diffusion step within the frame
-    tau_state: float = 1.0  # reference_compat: compounding temperature, never reset
-    codes: Tensor | None = None  # [1, N]
-    known: Tensor | None = None  # [1, N] bool
-    block_tokens: Tensor | None = None  # [B_f] the MASK block
-    block_pos: Tensor | None = None  # [rows, 3, B_f]
 
     @property
     def n_rows(self) -> int:
-        return len(self.p0)
+        return self.state.n_rows
 
     @property
     def sid(self) -> str:
         return self.req.session_id
-
-
-def _frames_digest(frames: Tensor) -> str:
-    """A short fingerprint of committed codes [t, h, w]."""
-    data = frames.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
-    return hashlib.sha1(data).hexdigest()
 
 
 class Engine:
@@ -278,29 +268,38 @@ class Engine:
         self._batch = _BatchCache(model.cfg, 2 * max_batch, self.dtype, self.device)
         self._requests: dict[str, EngineRequest] = {}
         self._live: dict[str, _Session] = {}
-        self._code_offsets = layout.code_offsets.to(self.device)  # [N]
-        self._hmasks: dict[float, Tensor] = {}
+        self._offsets = layout.code_offsets.to(self.device)  # [N]
         # debug hook: on_logits(session_id, frame index, step, per-row logits [rows, N, V])
         self.on_logits: Callable[[str, int, int, Tensor], None] | None = None
         self.steps_run = 0
         self.forwards_run = 0
         self.frames_emitted = 0
+        self.slides = 0  # rolling-window rebuilds (one prefill each)
 
     # -- requests ---------------------------------------------------------------------------------
-    def _prefixes(self, req: EngineRequest) -> list[Sequence]:
-        texts = [req.text_ids] + ([None] if req.sampler.cfg != 1.0 else [])
-        return [self.layout.prefix(t, req.duration, req.fps) for t in texts]
-
-    def _need(self, req: EngineRequest, prefixes: list[Sequence]) -> int:
-        t0 = 0 if req.given is None else req.given.shape[0]
-        return max(len(p) for p in prefixes) + (t0 + req.n_frames) * self.layout.block_len
+    def _state(self, req: EngineRequest, generator: torch.Generator | None) -> VideoState:
+        return VideoState(
+            self.layout,
+            req.sampler,
+            req.text_ids,
+            req.duration,
+            req.fps,
+            req.given,
+            generator,
+            self.model.cfg.rope,
+            self.device,
+        )
 
     def request_bytes(self, req: EngineRequest) -> int:
-        """KV bytes the session holds at the end of the request (what admission reserves)."""
-        c = self.model.cfg
-        prefixes = self._prefixes(req)
+        """KV bytes the session holds at most during the request (what admission reserves):
+        bounded by the rolling window when the sampler has one."""
+        c, lay = self.model.cfg, self.layout
+        texts = [req.text_ids] + ([None] if req.sampler.cfg != 1.0 else [])
+        pre = max(len(lay.prefix(t, req.duration, req.fps)) for t in texts)  # validates them
+        t0 = 0 if req.given is None else req.given.shape[0]
+        need = cache_tokens(pre, t0, req.n_frames, lay.block_len, req.sampler)
         per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.dtype.itemsize
-        return len(prefixes) * self._need(req, prefixes) * per_token
+        return len(texts) * need * per_token
 
     @torch.inference_mode()
     def add(self, request: EngineRequest) -> None:
@@ -336,77 +335,46 @@ class Engine:
         return self.scheduler.has_work
 
     # -- session life -----------------------------------------------------------------------------
-    def _hmask(self, ratio: float) -> Tensor:
-        if ratio not in self._hmasks:
-            self._hmasks[ratio] = history_mask(self.layout.content_len, ratio)
-        return self._hmasks[ratio]
-
-    def _key(self, req: EngineRequest, n_rows: int, frames: Tensor | None) -> tuple:
-        """What a session's cache holds: prompt, settings and the committed frames."""
+    @staticmethod
+    def _key(req: EngineRequest, state: VideoState) -> tuple:
+        """What a session's cache holds: prompt, settings, the committed frames and the window
+        (a cache one slide behind the next request's window is stale: a miss)."""
         text = None if req.text_ids is None else tuple(req.text_ids)
-        t = 0 if frames is None else frames.shape[0]
-        digest = _frames_digest(frames) if t else ""
-        ratio = req.sampler.history_mask_ratio
-        return (text, req.duration, req.fps, n_rows, ratio, t, digest)
-
-    def _mask_history(self, frames: Sequence, ratio: float) -> Sequence:
-        """Frame blocks with the history-mask slots of their content replaced by MASK."""
-        return mask_history(self.layout, frames, self._hmask(ratio))
-
-    def _prefill(self, rows: list[Sequence], capacity: int) -> KVCache:
-        """One padded, frame-causal forward of every row's prefix + history into a new cache."""
-        cache = KVCache.for_model(self.model.cfg, len(rows), capacity, self.dtype, self.device)
-        b = pad_batch(rows, self.model.cfg.rope, self.layout.vocab.pad)
-        mask = frame_causal_dense(b["frame"], b["valid"]).to(self.device)
-        self.model(
-            b["tokens"].to(self.device),
-            b["positions"].to(self.device),
-            mask,
-            cache,
-            output="hidden",
+        sc = req.sampler
+        return (
+            text,
+            req.duration,
+            req.fps,
+            state.n_rows,
+            sc.history_mask_ratio,
+            sc.window,
+            sc.window_stride,
+            state.k,
+            state.digest,
+            tuple(state.lengths),
         )
-        cache.advance([len(s) for s in rows])
+
+    def _prefill(self, state: VideoState, capacity: int) -> KVCache:
+        """One padded, frame-causal forward of the state's prefix + window into a new cache."""
         self.forwards_run += 1
-        return cache
+        return prefill(self.model, self.layout, state.prefill_rows(), capacity)
 
     def _start(self, session_id: str) -> None:
         """An admitted session: reuse its warm cache or prefill, then begin its first frame."""
-        req, lay = self._requests[session_id], self.layout
-        given = None if req.given is None else req.given.detach().to("cpu", torch.long)
-        t0 = 0 if given is None else given.shape[0]
-        prefixes = self._prefixes(req)
-        p0 = [Layout.p0(len(p)) for p in prefixes]
-        lengths = [len(p) + t0 * lay.block_len for p in prefixes]
-        need = self._need(req, prefixes)
-        key = self._key(req, len(prefixes), given)
-        cache = self.pool.get(session_id, key)
-        if cache is None or cache.lengths != lengths:
-            ratio = req.sampler.history_mask_ratio
-            rows = []
-            for pre, q in zip(prefixes, p0):
-                seq = pre
-                if t0:
-                    seq = pre + self._mask_history(lay.frames(given, t0, 0, len(pre), q), ratio)
-                rows.append(seq)
-            cache = self._prefill(rows, need)
-            if t0:
-                self.pool.stats.rebuilds += 1
-        self.pool.take(session_id)  # the pool entry keeps the reservation, no stale tensor
+        req = self._requests[session_id]
         gen = req.generator
         if gen is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
             gen = torch.Generator(device=self.device).manual_seed(seed)
-        sess = _Session(
-            req=req,
-            generator=gen,
-            has_uncond=len(prefixes) == 2,
-            p0=p0,
-            lengths=lengths,
-            need=need,
-            frames=[] if given is None else list(given.unbind(0)),
-            k=t0,
-            tau_state=req.sampler.tau0,
-        )
+        state = self._state(req, gen)
+        need = state.capacity(req.n_frames)
+        cache = self.pool.get(session_id, self._key(req, state))
+        if cache is None or cache.lengths != state.lengths:
+            cache = self._prefill(state, need)
+            if state.frames:
+                self.pool.stats.rebuilds += 1
+        self.pool.take(session_id)  # the pool entry keeps the reservation, no stale tensor
+        sess = _Session(req=req, state=state, need=need)
         if self.batching:
             self._batch.attach(session_id, cache, need)
         else:
@@ -418,21 +386,25 @@ class Engine:
         self._begin_frame(sess)
 
     def _begin_frame(self, sess: _Session) -> None:
-        """The all-MASK block of the session's next frame, at each row's length and p0."""
-        lay, rope = self.layout, self.model.cfg.rope
-        blocks = [lay.frame_block(sess.k, n, q) for n, q in zip(sess.lengths, sess.p0)]
-        sess.block_tokens = blocks[0].tokens.to(self.device)  # [B_f]
-        sess.block_pos = torch.stack([b.positions(rope) for b in blocks]).to(self.device)
-        sess.codes = torch.zeros(1, lay.n_codes, dtype=torch.long, device=self.device)
-        sess.known = torch.zeros(1, lay.n_codes, dtype=torch.bool, device=self.device)
-        sess.s = 0
+        """Slide the window if frame k needs it (one prefill of the session's rows), then the
+        all-MASK block of frame k."""
+        st = sess.state
+        if st.needs_slide():
+            st.slide()
+            cache = self._prefill(st, sess.need)
+            self.slides += 1
+            if self.batching:
+                self._batch.replace(sess.sid, cache)
+            else:
+                sess.cache = cache
+                self.pool.put(sess.sid, cache)
+        st.begin_frame()
 
     def _leave(self, sess: _Session, cancelled: bool = False) -> None:
         """Take the session's rows out of the batch; they stay in the pool as an idle cache."""
         sid = sess.sid
         cache = self._batch.detach(sid) if self.batching else sess.cache
-        frames = torch.stack(sess.frames) if sess.frames else None
-        self.pool.put(sid, cache, self._key(sess.req, sess.n_rows, frames))
+        self.pool.put(sid, cache, self._key(sess.req, sess.state))
         if cancelled:
             self.scheduler.cancel(sid)
         else:
@@ -441,54 +413,22 @@ class Engine:
         del self._requests[sid]
 
     # -- one step ---------------------------------------------------------------------------------
-    def _step_tokens(self, sess: _Session, codes: Tensor, known: Tensor) -> Tensor:
-        """[rows, B_f] block tokens with the known codes filled in."""
-        vocab = self.layout.vocab
-        ids = torch.where(known, vocab.visual(codes), torch.full_like(codes, vocab.mask))  # [1, N]
-        toks = sess.block_tokens.unsqueeze(0).repeat(sess.n_rows, 1)  # [rows, B_f]
-        toks[:, self._code_offsets] = ids.expand(sess.n_rows, -1)
-        return toks
-
     def _logits(self, toks: Tensor, pos: Tensor, cache) -> Tensor:
         """One forward of blocks [R, B_f] against a cache -> visual logits [R, N, V] (float)."""
-        hidden = self.model(
-            toks, pos, cache.key_mask(self.layout.block_len), cache, output="hidden"
-        )  # [R, B_f, D]
         self.forwards_run += 1
-        h = hidden[:, self._code_offsets]  # [R, N, D]
-        return self.model.project(h, self.model.visual_rows()).float()
+        return code_logits(self.model, block_forward(self.model, toks, pos, cache), self._offsets)
 
     def _decode(self, sess: _Session, logits: Tensor) -> None:
         """One MaskGIT step of one session from its rows' logits [rows, N, V]."""
-        cfg = sess.req.sampler
         if self.on_logits is not None:
-            self.on_logits(sess.sid, sess.k, sess.s, logits)
-        guided = combine_cfg(logits, 1, cfg.cfg, sess.has_uncond)  # [1, N, V]
-        guided = filter_logits(guided, cfg.top_k, cfg.top_p, cfg.temperature)
-        if cfg.reference_compat:
-            sess.tau_state *= 1.0 - (sess.s + 1) / cfg.steps
-            tau = sess.tau_state
-        else:
-            tau = tau_at(cfg, sess.s)
-        sess.codes, sess.known = maskgit_step(
-            sess.codes, sess.known, guided, sess.s, cfg.steps, tau, [sess.generator]
-        )
-        sess.s += 1
-
-    def _commit_tokens(self, sess: _Session) -> Tensor:
-        """[rows, B_f] the finished block with its history-mask slots replaced by MASK."""
-        lay = self.layout
-        toks = self._step_tokens(sess, sess.codes, torch.ones_like(sess.known))
-        hm = self._hmask(sess.req.sampler.history_mask_ratio).to(self.device)
-        content = toks[:, 3 : 3 + lay.content_len]
-        content[:, hm] = lay.vocab.mask
-        return toks
+            self.on_logits(sess.sid, sess.state.k, sess.state.s, logits)
+        sess.state.decode(logits)
 
     def _commit(self, done: list[_Session]) -> list[FrameEvent]:
         """Enter finished frames into the caches (one forward for all) and emit them."""
         bl = self.layout.block_len
-        toks = torch.cat([self._commit_tokens(s) for s in done])  # [r, B_f]
-        pos = torch.cat([s.block_pos for s in done])  # [r, 3, B_f]
+        toks = torch.cat([s.state.commit_tokens() for s in done])  # [r, B_f]
+        pos = torch.cat([s.state.block_pos for s in done])  # [r, 3, B_f]
         if self.batching:
             view = self._batch.view
             rows = []
@@ -497,8 +437,7 @@ class Engine:
                 rows += list(range(a, a + n))
             order = sorted(range(len(rows)), key=rows.__getitem__)
             rows = [rows[i] for i in order]
-            sub = _rows_of(view, rows)
-            self.model(toks[order], pos[order], sub.key_mask(bl), sub, output="hidden")
+            block_forward(self.model, toks[order], pos[order], _rows_of(view, rows))
             self.forwards_run += 1
             rowset = set(rows)
             view.advance([bl if r in rowset else 0 for r in range(view.batch)])
@@ -506,18 +445,16 @@ class Engine:
             for s, t, p in zip(
                 done, toks.split([s.n_rows for s in done]), pos.split([s.n_rows for s in done])
             ):
-                self.model(t, p, s.cache.key_mask(bl), s.cache, output="hidden")
+                block_forward(self.model, t, p, s.cache)
                 self.forwards_run += 1
                 s.cache.advance(bl)
         events = []
         for s in done:
-            s.lengths = [n + bl for n in s.lengths]
-            codes = s.codes.view(self.layout.h, self.layout.w).cpu().clone()
-            s.frames.append(codes)
+            index = s.state.k
+            codes = s.state.committed()
             s.produced += 1
             finished = s.produced == s.req.n_frames
-            events.append(FrameEvent(s.sid, s.k, codes, finished))
-            s.k += 1
+            events.append(FrameEvent(s.sid, index, codes, finished))
             if finished:
                 self._leave(s)
             else:
@@ -543,18 +480,17 @@ class Engine:
             pos = torch.empty(r, 3, bl, dtype=torch.long, device=self.device)  # [R, 3, B_f]
             for s in sessions:
                 a, n = self._batch.slots[s.sid]
-                toks[a : a + n] = self._step_tokens(s, s.codes, s.known)
-                pos[a : a + n] = s.block_pos
+                toks[a : a + n] = s.state.step_tokens()
+                pos[a : a + n] = s.state.block_pos
             logits = self._logits(toks, pos, view)  # [R, N, V]
             for s in sessions:
                 a, n = self._batch.slots[s.sid]
                 self._decode(s, logits[a : a + n])
         else:
             for s in sessions:
-                toks = self._step_tokens(s, s.codes, s.known)
-                self._decode(s, self._logits(toks, s.block_pos, s.cache))
+                self._decode(s, self._logits(s.state.step_tokens(), s.state.block_pos, s.cache))
         self.steps_run += 1
-        done = [s for s in sessions if s.s == s.req.sampler.steps]
+        done = [s for s in sessions if s.state.frame_done]
         return self._commit(done) if done else []
 
     def run_until_idle(self, max_steps: int | None = None) -> list[FrameEvent]:
@@ -576,5 +512,6 @@ class Engine:
             "steps": self.steps_run,
             "forwards": self.forwards_run,
             "frames": self.frames_emitted,
+            "slides": self.slides,
             "pool": self.pool.snapshot(),
         }
