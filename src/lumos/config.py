@@ -96,6 +96,10 @@ class ModelConfig:
             d["rope_scales"] = tuple(d["rope_scales"])
         return cls(**d)
 
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one token of one row holds (keys + values of every layer)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
     def num_params(self) -> int:
         """Parameter count (embedding and head included)."""
         hd, kv = self.head_dim, self.n_kv_heads * self.head_dim
