@@ -1,15 +1,18 @@
 """`LumosClient`: what the API process uses to talk to the cluster (async, no tensors, no HTTP).
 
-It connects to Ray (or starts a local one), opens the session store, makes sure workers exist,
-validates requests against the limits (ValueError with a clear message: the API answers 4xx),
-and routes calls to the session actors ("session:<id>", got-or-created on demand). Reads that
-need no actor (stored frames, finished sessions, lists, mp4) go to the store directly, so they
-do not reactivate deactivated sessions.
+It connects to Ray (or starts a local one), opens the session store, makes sure workers and
+session hosts exist, validates requests against the limits (ValueError with a clear message: the
+API answers 4xx), and routes calls on a session to the session host that owns it
+(lumos.cluster.host: sha1(id) mod the cluster's host count), which activates its grain on
+demand. Reads that need no grain (stored frames, finished sessions, lists, mp4) go to the store
+directly, so they do not reactivate deactivated sessions. No live worker: `create_session`
+raises NoWorkersError and `health()` says "unavailable" (the API answers 503 with the reason).
 
-Live frames (`subscribe`): first the stored frames from the store, then the session actor's
-long-poll `poll(after_seq, timeout)`, which answers as soon as a newer frame is committed. Any
-number of subscribers in any number of API processes poll the same actor; each keeps its own
-cursor, so every subscriber gets frames from_seq.. exactly once and in order.
+Live frames (`subscribe`): first the stored frames from the store, then the host's long-poll
+`poll(id, after_seq, timeout)`, which answers as soon as a newer frame is committed. Any number
+of subscribers in any number of API processes poll the same host; each keeps its own cursor, so
+every subscriber gets frames from_seq.. exactly once and in order. Polls do not keep a grain
+active.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,9 +31,9 @@ import numpy as np
 import ray
 
 from lumos.cluster import runtime
-from lumos.cluster.runtime import ACTOR_GONE_ERRORS, ServeConfig
 from lumos.cluster.host import get_host, shard_of
 from lumos.cluster.placement import worker_load
+from lumos.cluster.runtime import ACTOR_GONE_ERRORS, ServeConfig
 from lumos.cluster.session import frame_dict, state_dict
 from lumos.store import (
     ACTIVE_STATUSES,
@@ -44,7 +48,8 @@ from lumos.store import (
 log = logging.getLogger("lumos.client")
 
 WORKER_START_TIMEOUT_S = 600.0  # a new worker loads its model before it answers
-WORKER_REFRESH_S = 5.0
+WORKER_REFRESH_S = 2.0
+LIVE_TIMEOUT_S = 3.0  # a worker that does not answer load() within this is not live
 POLL_S = 10.0  # long-poll timeout of subscribe
 CALL_RETRIES = 8
 
@@ -79,6 +84,7 @@ class LumosClient:
         self._workers: dict[str, dict] = {}  # name -> info + load
         self._model: dict | None = None  # info() of a worker: resolution, defaults
         self._refresher: asyncio.Task | None = None
+        self._refreshed = 0.0
         self._closed = False
 
     # -- life -------------------------------------------------------------------------------------
@@ -146,8 +152,9 @@ class LumosClient:
         """The registered workers: info (device, model, grid, ...) and their last load."""
         return [dict(w) for w in self._workers.values()]
 
-    async def refresh_workers(self, timeout_s: float = 10.0) -> list[dict]:
-        """Ask every registered worker for its info and load (dead ones are dropped)."""
+    async def refresh_workers(self, timeout_s: float = LIVE_TIMEOUT_S) -> list[dict]:
+        """Ask every registered worker for its info and load (dead or silent ones are dropped);
+        the model settings sessions are created with come from a live worker (review 9)."""
         names = await asyncio.to_thread(runtime.list_workers, self.cfg.namespace)
 
         async def one(name: str) -> dict | None:
@@ -156,7 +163,9 @@ class LumosClient:
                 return None
             try:
                 known = self._workers.get(name)
-                load = await asyncio.wait_for(handle.load.remote(), timeout_s)
+                load = await asyncio.wait_for(worker_load(handle, timeout_s), timeout_s + 1)
+                if load is None:
+                    return None
                 if known and known.get("started_at") == load.get("started_at"):
                     info = known
                 else:  # new, or restarted under the same name
@@ -167,9 +176,29 @@ class LumosClient:
 
         found = await asyncio.gather(*(one(n) for n in names))
         self._workers = {w["name"]: w for w in found if w is not None}
-        if self._workers and self._model is None:
-            self._model = next(iter(self._workers.values()))
+        self._model = self._workers[min(self._workers)] if self._workers else None
+        models = {w.get("model") for w in self._workers.values()}
+        if len(models) > 1:
+            log.warning("workers serve different models: %s", sorted(map(str, models)))
+        self._refreshed = time.monotonic()
         return self.workers()
+
+    async def live_workers(self, max_age_s: float = 1.0) -> list[dict]:
+        """The live workers, refreshed unless the last refresh is younger than max_age_s."""
+        if time.monotonic() - self._refreshed > max_age_s:
+            await self.refresh_workers()
+        return self.workers()
+
+    async def health(self) -> dict:
+        """{"status": "ok" | "unavailable", "reason", "workers", "hosts"} (no live worker: the
+        API answers 503 with the reason)."""
+        workers = await self.live_workers()
+        out: dict[str, Any] = {"status": "ok", "reason": None, "workers": workers}
+        if not workers:
+            out["status"] = "unavailable"
+            out["reason"] = "no live worker: start one with `lumos worker` (or wait for a restart)"
+        out["hosts"] = await self.hosts()
+        return out
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -180,10 +209,13 @@ class LumosClient:
                 log.exception("worker refresh failed")
 
     async def _model_info(self) -> dict:
+        """A live worker's model settings; NoWorkersError (HTTP 503) when none is live now."""
+        await self.live_workers()
         if self._model is None:
-            await self.refresh_workers(timeout_s=WORKER_START_TIMEOUT_S)
-        if self._model is None:
-            raise NoWorkersError("no worker is registered: start one with `lumos worker`")
+            raise NoWorkersError(
+                "no live worker: start one with `lumos worker` (a restarting one is back within "
+                "seconds); try again"
+            )
         return self._model
 
     async def _encode_image(self, png: bytes) -> dict:
@@ -200,34 +232,23 @@ class LumosClient:
             await self.refresh_workers()
         raise NoWorkersError("no live worker to encode the image")
 
-    # -- session actors ---------------------------------------------------------------------------
-    def _handle(self, session_id: str):
-        handle = self._handles.get(session_id)
-        if handle is None:
-            handle = SessionActor.options(
-                name=runtime.session_actor_name(session_id),
-                namespace=self.cfg.namespace,
-                get_if_exists=True,
-                lifetime="detached",
-            ).remote(session_id, self.cfg.store_url, self.cfg.namespace, self.cfg.session_idle_s)
-            self._handles[session_id] = handle
-        return handle
-
-    async def _call(self, session_id: str, method: str, *args: Any) -> Any:
-        """Call a session actor method, re-activating the actor if it is gone or exiting."""
+    # -- session hosts ----------------------------------------------------------------------------
+    async def _host_call(self, session_id: str, method: str, *args: Any) -> Any:
+        """Call a session host method, retrying while the host restarts."""
         delay = 0.05
         for _ in range(CALL_RETRIES):
-            handle = self._handle(session_id)
             try:
-                return await getattr(handle, method).remote(*args)
-            except (SessionDeactivating, *ACTOR_GONE_ERRORS):
-                self._handles.pop(session_id, None)
+                return await getattr(self.host(session_id), method).remote(session_id, *args)
+            except ACTOR_GONE_ERRORS:
                 await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+                delay = min(2.0, delay * 2)
             except SessionNotFound as e:
-                self._handles.pop(session_id, None)
                 raise SessionNotFoundError(f"session {session_id!r} does not exist") from e
-        raise RuntimeError(f"session {session_id}: its actor could not be reached")
+        raise RuntimeError(f"session {session_id}: its session host could not be reached")
+
+    async def _call(self, session_id: str, method: str, *args: Any) -> Any:
+        """Call the session grain's method ("state", "extend", "cancel") on its host."""
+        return await self._host_call(session_id, "call", method, *args)
 
     async def _meta(self, session_id: str) -> SessionMeta:
         meta = await self.store.get_session(session_id)
@@ -399,9 +420,9 @@ class LumosClient:
             meta.status not in ACTIVE_STATUSES and nxt >= meta.n_frames and not follow
         ):
             return
-        while True:  # live, through the session actor's long poll
+        while True:  # live, through the session host's long poll
             try:
-                res = await self._call(session_id, "poll", nxt - 1, POLL_S, follow)
+                res = await self._host_call(session_id, "poll", nxt - 1, POLL_S, follow)
             except SessionNotFoundError:
                 return
             for frame in res["frames"]:
@@ -425,19 +446,13 @@ class LumosClient:
         return await asyncio.to_thread(_mp4, records, fps)
 
     async def delete_session(self, session_id: str) -> None:
-        """Stop the session, kill its actor and remove it and its frames from the store."""
-        self._handles.pop(session_id, None)
-        name = runtime.session_actor_name(session_id)
-        handle = runtime.get_actor(name, self.cfg.namespace)
-        if handle is not None:
-            try:
-                await asyncio.wait_for(handle.shutdown.remote(), 10)
-            except Exception:
-                pass
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:
-                pass
+        """Stop the session, free its KV cache on its worker, remove it and its frames."""
+        try:
+            await asyncio.wait_for(self._host_call(session_id, "delete"), 30)
+        except Exception:
+            log.warning(
+                "session %s: its host did not delete it; removing it from the store", session_id
+            )
         await self.store.delete_session(session_id)
 
 

@@ -146,6 +146,7 @@ def connect(cfg: ServeConfig) -> bool:
         return False
     # a new local instance: GCS and every other port are chosen at random (port 0)
     os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    kwargs.setdefault("address", "local")  # never join another cluster running on this machine
     ray.init(**kwargs)
     return True
 

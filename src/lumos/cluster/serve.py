@@ -2,7 +2,7 @@
 
     lumos serve [--host 127.0.0.1] [--port 8000] [--ray-address ADDR]
                 [--redis-url URL | --store URL] [--model DIR|random] [--workers N]
-    lumos worker --ray-address ADDR [--model DIR|random] [--gpus N]
+    lumos worker --ray-address ADDR [--model DIR|random] [--gpus N] [--resources JSON]
 
 `serve` without --ray-address starts a local Ray (random ports) with SQLite at
 .lumos/lumos.db and one local worker per GPU (one CPU worker without a GPU). `worker` starts one
@@ -14,6 +14,7 @@ lumos.api.serve (imports go cluster -> api, never back).
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -53,6 +54,13 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--kv-budget-bytes", type=int, default=None)
     p.add_argument("--session-idle-s", type=float, default=300.0)
     p.add_argument(
+        "--session-hosts",
+        type=int,
+        default=None,
+        help="session hosts (silos) when this is the cluster's first API process "
+        "(default: one per alive Ray node); later API processes use the cluster's number",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
@@ -72,6 +80,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
             max_batch=a.max_batch,
             kv_budget_bytes=a.kv_budget_bytes,
             session_idle_s=a.session_idle_s,
+            session_hosts=a.session_hosts,
             dtype=a.dtype,
             host=a.host,
             port=a.port,
@@ -93,13 +102,35 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--kv-budget-bytes", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument(
+        "--resources",
+        default=None,
+        help="custom Ray resources each worker needs, as JSON (e.g. '{\"lumos_gpu\": 1}' where a "
+        "node advertises its GPUs under that name); default: 1 GPU, or 1 CPU without a GPU",
+    )
     a = p.parse_args(argv)
+    custom = None
+    if a.resources is not None:
+        try:
+            custom = json.loads(a.resources)
+            if not isinstance(custom, dict) or not all(
+                isinstance(v, int | float) and v > 0 for v in custom.values()
+            ):
+                raise ValueError
+        except ValueError:
+            p.error(f"--resources must be a JSON object of positive numbers, got {a.resources!r}")
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from lumos.cluster.worker import WorkerActor
 
     gpus = _gpu_count() if a.gpus is None else a.gpus
     count, resources = (gpus, {"num_gpus": 1}) if gpus > 0 else (1, {"num_cpus": 1})
+    if custom is not None:
+        resources = (
+            {"num_cpus": 0, "resources": custom}
+            if gpus == 0
+            else {**resources, "resources": custom}
+        )
     ray.init(address=a.ray_address, namespace=a.namespace)
     node = ray.get_runtime_context().get_node_id()
     handles = []
@@ -112,6 +143,7 @@ def worker_main(argv: list[str] | None = None) -> int:
                 lifetime="detached",
                 get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                max_restarts=-1,  # supervised: Ray restarts a dead worker process on this node
                 **resources,
             ).remote(
                 model=a.model,

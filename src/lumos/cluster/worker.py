@@ -98,6 +98,7 @@ class Worker:
         self.model_name = "bundled" if model is None else str(model)
         self.pipe = Pipeline.from_folder(model, device=self.device, dtype=dtype)
         self.batching = bool(batching)
+        self.max_batch = int(max_batch)
         self._engine_args = (self.pipe.model, self.pipe.layout, max_batch, kv_budget_bytes)
         self.engine = Engine(*self._engine_args, batching=self.batching)
         self._cv = threading.Condition()
@@ -181,6 +182,13 @@ class Worker:
                 stream.put(e)
                 return
             self._streams[sid] = stream
+        elif kind == "drop":  # the session was deleted or deactivated: free its KV cache
+            current = self._streams.pop(sid, None)
+            self.engine.cancel(sid)
+            self.engine.pool.drop(sid)
+            self._decoders.pop(sid, None)
+            if current is not None:
+                current.put(_CANCELLED)
         elif kind == "cancel":
             stream = command[2]
             current = self._streams.get(sid)
@@ -308,6 +316,10 @@ class Worker:
         self._submit(("cancel", session_id, None))
         return known
 
+    async def drop(self, session_id: str) -> None:
+        """Forget the session: stop its request and free its KV cache (KVPool.drop)."""
+        self._submit(("drop", session_id))
+
     async def encode_image(self, png: bytes) -> dict:
         """An image (PNG/JPEG bytes) resized to the model's resolution -> its codes and pixels."""
         loop = asyncio.get_running_loop()
@@ -345,7 +357,8 @@ class Worker:
         return {
             "name": self.name,
             "started_at": self.started_at,
-            "sessions": load["running"] + load["waiting"] + pending,
+            "sessions": load["running"] + load["waiting"] + pending,  # waiting is part of it
+            "capacity": self.max_batch,
             "streams": len(self._active),
             **load,
         }
