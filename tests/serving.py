@@ -1,11 +1,15 @@
-"""Test helpers shared by the API and browser tests: uvicorn in a thread, a local Ray config."""
+"""Test helpers shared by the API and browser tests: uvicorn in a thread, a local Ray config,
+Debian's Chromium under Playwright."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 import uvicorn
@@ -48,21 +52,53 @@ class Server:
         self.sock.close()
 
 
-def local_ray_config(namespace: str, db_path) -> ServeConfig:
-    """Start a local Ray (random ports, never Redis' 6379) and a config for the tiny model."""
+def local_ray_config(namespace: str, db_path, **overrides) -> ServeConfig:
+    """Start a local Ray (random ports, never Redis' 6379) and a config for the tiny model
+    (overrides: other ServeConfig fields, e.g. limits)."""
     os.environ.pop("RAY_GCS_SERVER_PORT", None)
     ray.init(
+        address="local",  # a new instance, even when another `ray start` cluster runs here
         num_cpus=2,
         include_dashboard=False,
         namespace=namespace,
         log_to_driver=False,
         configure_logging=False,
     )
-    return ServeConfig(
-        namespace=namespace,
-        store_url=f"sqlite:///{db_path}",
-        model="random:tiny",
-        workers=1,
-        worker_resources={"num_cpus": 1},
-        session_idle_s=60.0,
-    )
+    fields = {
+        "namespace": namespace,
+        "store_url": f"sqlite:///{db_path}",
+        "model": "random:tiny",
+        "workers": 1,
+        "worker_resources": {"num_cpus": 1},
+        "session_idle_s": 60.0,
+    }
+    return ServeConfig(**{**fields, **overrides})
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (headless); never a downloaded browser."""
+    if not os.path.exists(CHROMIUM):
+        raise RuntimeError(
+            f"{CHROMIUM} is missing: install Debian's Chromium (apt-get install -y chromium); "
+            "the browser tests never download a browser"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
