@@ -14,9 +14,11 @@ from lumos.evaluate import (
     assign_colours,
     classifier_accuracy,
     clip_features,
+    confusion,
     frechet_distance,
     load_classifier,
     main,
+    per_frame,
     score_clip,
     select_prompts,
     track_items,
@@ -194,3 +196,51 @@ def test_main_real_only(tmp_path):
     assert main([*argv, "--json", str(path), "-q"]) == 0
     r = json.loads(path.read_text())["real"]["heldout"]
     assert r["colour_accuracy"] == 1.0 and r["direction_accuracy"] >= 0.75
+
+
+def test_train_classifier_never_overwrites_the_bundled_one(capsys):
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in CLASSIFIER_DIR.iterdir()}
+    with pytest.raises(SystemExit):
+        main(["--train-classifier", "--epochs", "1", "-q"])
+    assert "--train-classifier needs --classifier DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--train-classifier", "--classifier", str(CLASSIFIER_DIR), "-q"])
+    assert "refusing to overwrite the bundled classifier" in capsys.readouterr().err
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in CLASSIFIER_DIR.iterdir()}
+    assert after == files
+
+
+def test_confusion_and_per_frame(clf, real_clips):
+    clips = real_clips[:6]
+    items = [
+        it for c in clips for it in score_clip(c.video, [i.spec for i in c.items], clf)["items"]
+    ]
+    for it in items:
+        assert len(it["frame_classes"]) == 16
+    conf = confusion(items)
+    assert sum(sum(row.values()) for row in conf.values()) == len(items)
+    assert sum(row.get(cls, 0) for cls, row in conf.items()) == sum(
+        it["class_correct"] for it in items
+    )
+    pf = per_frame(items)
+    assert {k: len(v) for k, v in pf.items()} == {"present": 16, "class": 16, "identity": 16}
+    assert all(a >= b for a, b in zip(pf["present"], pf["class"]))
+    assert np.mean(pf["present"]) == pytest.approx(
+        np.mean([it["present_fraction"] for it in items])
+    )
+    assert np.mean(pf["present"]) >= 0.95  # real clips: (almost) every item in every frame
+    # a blank clip: nothing found in any frame, every item's row is "none"
+    blank = score_clip(np.zeros((4, 64, 64, 3), np.uint8), [ItemSpec("bag", "red", "up")], clf)
+    assert confusion(blank["items"]) == {"bag": {"none": 1}}
+    assert per_frame(blank["items"])["present"] == [0.0] * 4
+
+
+def test_main_prints_confusion_and_per_frame(tmp_path, capsys):
+    path = tmp_path / "real.json"
+    argv = ["--real-only", "--split", "heldout", "--prompts", "2", "--frames", "4"]
+    assert main([*argv, "--confusion", "--per-frame", "--json", str(path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "asked \\ got" in out and "present  class  identity" in out
+    r = json.loads(path.read_text())["real"]["heldout"]
+    assert len(r["per_frame"]["class"]) == 4 and sum(map(sum, (
+        row.values() for row in r["confusion"].values()))) == r["n_items"]  # fmt: skip

@@ -40,8 +40,15 @@ from lumos.evaluate.classifier import (
     load_classifier,
     train_classifier,
 )
-from lumos.evaluate.cli import format_table, main
-from lumos.evaluate.metrics import METRICS, clip_features, frechet_distance, score_clip
+from lumos.evaluate.cli import format_confusion, format_per_frame, format_table, main
+from lumos.evaluate.metrics import (
+    METRICS,
+    clip_features,
+    confusion,
+    frechet_distance,
+    per_frame,
+    score_clip,
+)
 from lumos.evaluate.run import evaluate, evaluate_real, select_prompts
 from lumos.evaluate.tracker import ItemTrack, assign_colours, track_items
 
@@ -62,6 +69,10 @@ __all__ = [
     "evaluate_real",
     "main",
     "format_table",
+    "format_confusion",
+    "format_per_frame",
+    "confusion",
+    "per_frame",
     "METRICS",
     "WEIGHTS_FILE",
     "META_FILE",

@@ -106,7 +106,7 @@ def classifier_accuracy(
 
 
 def train_classifier(
-    out_dir: str | Path | None = CLASSIFIER_DIR,
+    out_dir: str | Path | None = None,
     epochs: int = 3,
     seed: int = 0,
     batch_size: int = 128,
@@ -200,7 +200,7 @@ def load_classifier(folder: str | Path | None = None, cache: bool = True) -> Fas
     if not wpath.is_file() or not mpath.is_file():
         raise FileNotFoundError(
             f"no classifier in {folder} (need {WEIGHTS_FILE} and {META_FILE}); train one with "
-            "`lumos eval --train-classifier` or lumos.evaluate.train_classifier()"
+            "`lumos eval --train-classifier --classifier DIR` or train_classifier(DIR)"
         )
     meta = json.loads(mpath.read_text(encoding="utf-8"))
     model = FashionClassifier(**meta["config"])

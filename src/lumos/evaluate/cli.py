@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lumos.data import CLASSES
 from lumos.devices import DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
 from lumos.evaluate.run import evaluate, evaluate_real
@@ -42,6 +43,28 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_confusion(conf: dict[str, dict[str, int]], title: str = "") -> str:
+    """A text table of an ``evaluate()["confusion"]``: rows asked, columns predicted classes."""
+    cols = [c for c in (*CLASSES, "none") if any(c in row for row in conf.values())]
+    short = {c: c.replace("ankle boot", "boot").replace("pullover", "pullov") for c in cols}
+    head = [f"{title} asked \\ got", *(short[c] for c in cols), "correct"]
+    rows = [head]
+    for cls, row in conf.items():
+        n = sum(row.values())
+        cells = [str(row.get(c, 0)) for c in cols]
+        rows.append([cls, *cells, f"{row.get(cls, 0) / max(n, 1):.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def format_per_frame(pf: dict[str, list[float]], title: str = "") -> str:
+    """A text table of an ``evaluate()["per_frame"]``: one row per frame."""
+    lines = [f"{title} frame  present  class  identity"]
+    for f, (a, b, c) in enumerate(zip(pf["present"], pf["class"], pf["identity"])):
+        lines.append(f"{f:>{len(title) + 6}}  {a:7.3f}  {b:5.3f}  {c:8.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lumos eval``: score a model (or real clips) on the evaluation prompts."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -73,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-only", action="store_true", help="score real clips only, no model")
     p.add_argument("--classifier", default=None, help="classifier folder (default: bundled)")
     p.add_argument(
-        "--train-classifier", action="store_true", help="(re)train the classifier and exit"
+        "--train-classifier",
+        action="store_true",
+        help="train a classifier into --classifier DIR and exit (never the bundled one)",
+    )
+    p.add_argument(
+        "--confusion", action="store_true", help="also print the class confusion per split"
+    )
+    p.add_argument(
+        "--per-frame", action="store_true", help="also print presence/class/identity per frame"
     )
     p.add_argument("--epochs", type=int, default=3, help="epochs for --train-classifier")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -81,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 
     if args.train_classifier:
-        meta = train_classifier(args.classifier or CLASSIFIER_DIR, args.epochs, args.seed, log=log)
+        if not args.classifier:
+            p.error("--train-classifier needs --classifier DIR (where to write it)")
+        if Path(args.classifier).resolve() == CLASSIFIER_DIR.resolve():
+            p.error(f"--classifier {args.classifier}: refusing to overwrite the bundled classifier")
+        meta = train_classifier(args.classifier, args.epochs, args.seed, log=log)
         print(f"classifier t10k test accuracy: {meta['test_accuracy']:.4f}")
         return 0
 
@@ -155,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"real {s}"] = r
     print(f"classifier t10k accuracy: {_fmt(results['classifier']['test_accuracy'])}")
     print(format_table(rows))
+    for name, r in rows.items():
+        if args.confusion:
+            print(f"\n{format_confusion(r['confusion'], name)}")
+        if args.per_frame:
+            print(f"\n{format_per_frame(r['per_frame'], name)}")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

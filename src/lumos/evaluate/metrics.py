@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lumos.data import ItemSpec
+from lumos.data import CLASSES, ItemSpec
 from lumos.evaluate.classifier import FashionClassifier, load_classifier
 from lumos.evaluate.tracker import ItemTrack, _as_video, track_items
 
@@ -36,7 +36,9 @@ def score_clip(
     clips) and ``identity_consistency`` (see :class:`ItemTrack`). The clip's
     ``class_accuracy``, ``colour_accuracy``, ``direction_accuracy`` and
     ``identity_consistency`` are means over its items (direction: over items with one, None if
-    none); ``all_correct`` whether every item got class, colour and direction right.
+    none); ``all_correct`` whether every item got class, colour and direction right. Each item
+    also lists ``frame_classes``, the class predicted in each frame (None where the colour is
+    absent), for :func:`confusion` and :func:`per_frame`.
     """
     specs = _specs(specs)
     if not specs:
@@ -64,6 +66,7 @@ def score_clip(
                     float(present and tr.direction == s.direction) if scored_dir else None
                 ),
                 "identity_consistency": tr.consistency,
+                "frame_classes": [CLASSES[int(c)] if c >= 0 else None for c in tr.preds],
             }
         )
     dirs = [it["direction_correct"] for it in items if it["direction_correct"] is not None]
@@ -128,3 +131,32 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     ra = _sqrt_psd(sa)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(ra @ sb @ ra), 0, None)).sum()
     return float(max(0.0, mu @ mu + np.trace(sa) + np.trace(sb) - 2 * cross))
+
+
+def confusion(items: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Asked class -> {predicted majority class, or ``"none"`` when the colour is not found in
+    half of the frames: count} over :func:`score_clip` items (rows: every asked class)."""
+    out: dict[str, dict[str, int]] = {}
+    for it in items:
+        pred = it["pred_class"] if it["colour_present"] and it["pred_class"] else "none"
+        row = out.setdefault(it["class"], {})
+        row[pred] = row.get(pred, 0) + 1
+    return {c: out[c] for c in CLASSES if c in out}
+
+
+def per_frame(items: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per frame, over :func:`score_clip` items of one clip length: the fraction where the colour
+    is found (``present``), the frame's class is the asked one (``class``) and it is the item's
+    majority class (``identity``). Empty lists when the items' lengths differ."""
+    lengths = {len(it["frame_classes"]) for it in items}
+    if len(lengths) != 1:
+        return {"present": [], "class": [], "identity": []}
+    fc = np.array([it["frame_classes"] for it in items], dtype=object)  # [N, T]
+    asked = np.array([it["class"] for it in items], dtype=object)[:, None]  # [N, 1]
+    major = np.array([it["pred_class"] for it in items], dtype=object)[:, None]  # [N, 1]
+    present = fc != None  # noqa: E711 (elementwise on an object array)
+    return {
+        "present": present.mean(0).round(4).tolist(),
+        "class": (present & (fc == asked)).mean(0).round(4).tolist(),
+        "identity": (present & (fc == major)).mean(0).round(4).tolist(),
+    }

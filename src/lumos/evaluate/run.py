@@ -15,7 +15,13 @@ import numpy as np
 
 from lumos.data import ItemSpec, MovingFashionConfig, eval_prompts, make_clip
 from lumos.evaluate.classifier import FashionClassifier, load_classifier
-from lumos.evaluate.metrics import clip_features, frechet_distance, score_clip
+from lumos.evaluate.metrics import (
+    clip_features,
+    confusion,
+    frechet_distance,
+    per_frame,
+    score_clip,
+)
 from lumos.evaluate.tracker import _as_video, track_items
 
 
@@ -66,6 +72,8 @@ def _aggregate(
         "direction_accuracy": float(np.mean(dirs)) if dirs else None,
         "identity_consistency": float(np.mean([it["identity_consistency"] for it in items])),
         "all_correct": float(np.mean([s["all_correct"] for s in scores])),
+        "confusion": confusion(items),
+        "per_frame": per_frame(items),
     }
     for key, name in (("items", "frechet_distance"), ("frames", "frechet_distance_frames")):
         a = np.concatenate([f[key] for f in feats])
@@ -125,7 +133,9 @@ def evaluate(
     ``class_accuracy``, ``colour_accuracy``, ``direction_accuracy``,
     ``identity_consistency``, the fraction of clips ``all_correct``, the Frechet distances
     ``frechet_distance`` (item crops) and ``frechet_distance_frames`` (whole frames) to real
-    clips of the same specs, counts, and the per-clip scores under ``"clips"``.
+    clips of the same specs, counts, ``"confusion"`` (asked class -> predicted class counts)
+    and ``"per_frame"`` (presence, class and identity per frame; see
+    :func:`~lumos.evaluate.metrics.per_frame`), and the per-clip scores under ``"clips"``.
     """
     frames = frames or getattr(getattr(pipeline, "settings", None), "frames", 16)
 
