@@ -9,9 +9,10 @@ Two kinds of figures:
 - observed in this API process: HTTP requests, open streams, frames sent to browsers, the
   commit-to-browser latency of each live frame (the API's clock when it sends the frame minus the
   worker's `committed_at`) and the time to first frame of each session (from its `created_at` to
-  the moment its first generated frame is sent to a browser). Both histograms count only frames
-  committed while the WebSocket was open (a replay of stored frames measures nothing), so hosts
-  need synchronised clocks (NTP); negative differences count as 0.
+  the worker's commit of its first generated frame, observed once per session when a browser is
+  sent that frame within a minute of its commit). Commit-to-browser counts only frames committed
+  while their WebSocket was open (a replay of stored frames measures nothing). The clocks are of
+  different hosts, so hosts need synchronised clocks (NTP); negative differences count as 0.
 - read from the cluster at scrape time: `LumosClient.workers()` (each worker's info and its last
   load, refreshed every few seconds by the client) and `app.state.refusals` ({reason: count},
   kept by the admission code). Counters of a worker restart from 0 when the worker does;
@@ -50,6 +51,7 @@ OPENED_AT = "lumos.opened_at"  # ASGI scope key: wall clock when a WebSocket con
 LOST_WORKER_TTL_S = 600.0  # a worker that vanished is reported down this long, then forgotten
 RATE_WINDOW_S = 60.0  # frames/s is measured over the scrapes of the last minute
 TTFF_MEMORY = 10_000  # sessions remembered so each one's first frame is observed once
+TTFF_RECENT_S = 60.0  # a first frame sent later than this after its commit is not observed
 
 COMMIT_TO_BROWSER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 TTFF_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
@@ -246,7 +248,7 @@ class Metrics:
         )
         self.time_to_first_frame = Histogram(
             "lumos_time_to_first_frame_seconds",
-            "from a session's creation to its first generated frame sent to a browser",
+            "from a session's creation to the commit of its first generated frame",
             buckets=TTFF_BUCKETS,
             registry=r,
         )
@@ -255,27 +257,26 @@ class Metrics:
         self._first_seen: OrderedDict[str, None] = OrderedDict()
 
     def frame_sent(self, record: Any, state: dict[str, Any], opened_at: float | None) -> None:
-        """Count a frame sent on a WebSocket; observe its latencies if it was committed live."""
+        """Count a frame sent on a WebSocket and observe its latencies (see the module doc)."""
         now = time.time()
         self.frames_sent.inc()
         meta = _get(record, "meta") or {}
         committed = meta.get("committed_at") if isinstance(meta, dict) else None
-        if not isinstance(committed, int | float) or committed <= 0 or opened_at is None:
+        if not isinstance(committed, int | float) or isinstance(committed, bool) or committed <= 0:
             return
-        if committed < opened_at:  # committed before this stream opened: a replay
-            return
-        self.commit_to_browser.observe(max(0.0, now - committed))
+        if opened_at is not None and committed >= opened_at:  # live, not a replay
+            self.commit_to_browser.observe(max(0.0, now - committed))
         settings = state.get("settings") or {}
         first = 1 if settings.get("source") == "image" else 0
         sid, created = state.get("id") or state.get("session_id"), state.get("created_at")
         if _get(record, "seq") != first or not isinstance(created, int | float) or not sid:
             return
-        if sid in self._first_seen:
-            return
+        if sid in self._first_seen or now - committed > TTFF_RECENT_S:
+            return  # observed already, or a session reopened long after it started
         self._first_seen[sid] = None
         if len(self._first_seen) > TTFF_MEMORY:
             self._first_seen.popitem(last=False)
-        self.time_to_first_frame.observe(max(0.0, now - float(created)))
+        self.time_to_first_frame.observe(max(0.0, committed - float(created)))
 
     async def scrape(self, app: FastAPI) -> bytes:
         """The Prometheus text of this app: its own figures and the cluster's, read now."""
