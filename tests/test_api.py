@@ -10,6 +10,7 @@ reconnect with from=k.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import time
@@ -26,11 +27,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 import serving
+from lumos.cluster.limits import Limits
 
 torch.set_num_threads(1)
 
 NAMESPACE = f"lumos-api-test-{uuid.uuid4().hex[:10]}"
 OWNER = "owner-" + uuid.uuid4().hex
+ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 NOT_FOUND = "session not found"
 
 
@@ -42,9 +45,15 @@ class Server(serving.Server):
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
-    def ws_url(self, sid: str, token: str | None, start: int | str = 0) -> str:
-        query = f"from={start}" + (f"&token={token}" if token is not None else "")
-        return f"ws://127.0.0.1:{self.port}/api/sessions/{sid}/stream?{query}"
+    def ws_url(self, sid: str, start: int | str = 0) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/sessions/{sid}/stream?from={start}"
+
+    def ws(self, sid: str, token: str | None, start: int | str = 0):
+        """A connected stream, its auth message sent (token None: nothing sent)."""
+        ws = ws_connect(self.ws_url(sid, start), open_timeout=30)
+        if token is not None:
+            ws.send(json.dumps({"type": "auth", "token": token}))
+        return ws
 
     def stop(self) -> None:
         self.http.close()
@@ -53,7 +62,10 @@ class Server(serving.Server):
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    yield serving.local_ray_config(NAMESPACE, tmp_path_factory.mktemp("api") / "lumos.db")
+    db = tmp_path_factory.mktemp("api") / "lumos.db"
+    # generous rates: this module sends many requests from one address (test_admission tests them)
+    rates = Limits(rate_per_s=50, rate_burst=500, owner_rate_per_s=50, owner_rate_burst=500)
+    yield serving.local_ray_config(NAMESPACE, db, admin_token=ADMIN_TOKEN, limits=rates)
     ray.shutdown()
 
 
@@ -136,7 +148,7 @@ def done_session(api):
 def test_create_stream_extend_with_new_prompt(api):
     s = create(api, frames=4, steps=2)
     sid, token = s["id"], s["token"]
-    with ws_connect(api.ws_url(sid, token, 0), open_timeout=30) as ws:
+    with api.ws(sid, token, 0) as ws:
         first = json.loads(ws.recv(timeout=30))
         assert first["type"] == "state" and first["id"] == sid
         frames = read_frames(ws, 4)
@@ -168,10 +180,10 @@ def test_create_stream_extend_with_new_prompt(api):
 
 def test_reconnect_from_k_gets_k_on_exactly_once(api, done_session):
     sid, token = done_session["id"], done_session["token"]
-    with ws_connect(api.ws_url(sid, token, 2), open_timeout=30) as ws:
+    with api.ws(sid, token, 2) as ws:
         assert seqs(read_frames(ws, 3)) == [2, 3, 4]
         assert_quiet(ws, 1.0)
-    with ws_connect(api.ws_url(sid, token, 5), open_timeout=30) as ws:
+    with api.ws(sid, token, 5) as ws:
         assert_quiet(ws, 0.5)  # from = n_frames: nothing yet, the socket stays open
         r = api.http.post(f"/api/sessions/{sid}/extend", json={"frames": 1}, headers=auth(token))
         assert r.status_code == 202, r.text
@@ -185,7 +197,7 @@ def test_stream_survives_an_api_restart(cfg):
     try:
         s = create(first, frames=n, steps=8)
         sid, token = s["id"], s["token"]
-        ws = ws_connect(first.ws_url(sid, token, 0), open_timeout=30)
+        ws = first.ws(sid, token, 0)
         frames = read_frames(ws, 2)
     finally:
         first.stop()  # closes the open socket and that API's LumosClient
@@ -196,7 +208,7 @@ def test_stream_survives_an_api_restart(cfg):
     try:
         at_restart = second.http.get(f"/api/sessions/{sid}", headers=auth(token)).json()
         assert at_restart["status"] == "running" and at_restart["n_frames"] < n
-        with ws_connect(second.ws_url(sid, token, frames[-1]["seq"] + 1), open_timeout=30) as ws:
+        with second.ws(sid, token, frames[-1]["seq"] + 1) as ws:
             read_frames(ws, n, frames=frames)  # stored frames, then live ones
             assert_quiet(ws, 0.5)
         assert seqs(frames) == list(range(n))
@@ -225,28 +237,38 @@ def test_a_session_is_unreachable_without_its_token(api, done_session):
             r = api.http.request(method, path, json=body, headers=auth(bad))
             assert r.status_code == 404, (path, r.text)
             assert NOT_FOUND in r.json()["error"]
-        if path.endswith((".png", ".mp4")):  # links a browser follows may carry ?token=
-            r = api.http.request(method, path + "?token=" + other["token"], json=body)
-            assert r.status_code == 404, (path, r.text)
-        else:  # everything else wants the header (tokens stay out of URLs and logs)
-            r = api.http.request(method, path + "?token=" + token, json=body)
-            assert r.status_code == 401, (path, r.text)
+        # no route takes a token in its URL (tokens stay out of URLs, logs and histories)
+        r = api.http.request(method, path + "?token=" + token, json=body)
+        assert r.status_code == 401, (path, r.text)
     # an unknown id answers exactly like a wrong token
     unknown = api.http.get(f"/api/sessions/{uuid.uuid4().hex}", headers=auth(token))
     wrong = api.http.get(f"/api/sessions/{sid}", headers=auth(other["token"]))
     assert unknown.status_code == wrong.status_code == 404 and unknown.json() == wrong.json()
-    for url, code in (
-        (api.ws_url(sid, other["token"]), 4404),
-        (api.ws_url(sid, None), 4401),
-        (api.ws_url(uuid.uuid4().hex, token), 4404),
-        (api.ws_url(sid, token, "-1"), 4400),
-    ):
-        with ws_connect(url, open_timeout=30) as ws:
+    # the stream: the token comes in the first message, never in the URL
+    closes = {}
+    for name, (target, first, start) in {
+        "wrong token": (sid, {"type": "auth", "token": other["token"]}, 0),
+        "unknown id": (uuid.uuid4().hex, {"type": "auth", "token": token}, 0),
+        "not an auth message": (sid, {"type": "hello", "token": token}, 0),
+        "not JSON": (sid, "token " + token, 0),
+        "bytes": (sid, token.encode(), 0),
+        "from=-1": (sid, {"type": "auth", "token": token}, "-1"),
+        "from=² (a non-ASCII digit)": (sid, {"type": "auth", "token": token}, "²"),
+        "from=1e3": (sid, {"type": "auth", "token": token}, "1e3"),
+    }.items():
+        with ws_connect(api.ws_url(target, start), open_timeout=30) as ws:
+            with contextlib.suppress(ConnectionClosed):  # a bad from= closes before auth
+                ws.send(json.dumps(first) if isinstance(first, dict) else first)
             msg = json.loads(ws.recv(timeout=30))
-            assert msg["type"] == "error" and msg["error"], msg
+            assert msg["type"] == "error" and msg["error"], (name, msg)
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=30)
-            assert closed.value.rcvd.code == code
+            closes[name] = (closed.value.rcvd.code, closed.value.rcvd.reason)
+    assert closes["wrong token"] == closes["unknown id"] == (4401, "session not found")
+    for name in ("not an auth message", "not JSON", "bytes"):
+        assert closes[name][0] == 4401 and "auth" in closes[name][1], closes
+    for name in ("from=-1", "from=² (a non-ASCII digit)", "from=1e3"):
+        assert closes[name][0] == 4400 and "ASCII digits" in closes[name][1], closes
     # the session is untouched and its own token still works
     r = api.http.get(f"/api/sessions/{sid}", headers=auth(token))
     assert r.status_code == 200 and r.json()["n_frames"] >= 5
@@ -282,7 +304,7 @@ def _huge_png_b64(limit: int) -> str:
                 "image": base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode(),
             },
             422,
-            "readable",
+            "decodable",
         ),
         ({"prompt": "x", "frames": 1, "image": _huge_png_b64(4 << 20)}, 413, "image"),
         ({"prompt": "x", "frames": 1, "image": "A" * (8 << 20)}, 413, "larger"),
@@ -293,6 +315,35 @@ def test_bad_create_requests_get_4xx_with_a_message(api, body, status, words):
     r = api.http.post("/api/sessions", json=body, headers={"X-Lumos-Owner": OWNER})
     assert r.status_code == status, r.text
     assert words.lower() in r.json()["error"].lower(), r.text
+
+
+def test_text_that_is_not_utf8_is_refused_and_nothing_is_stored(api):
+    owner = "surrogate-" + uuid.uuid4().hex
+    headers = {"X-Lumos-Owner": owner, "Content-Type": "application/json"}
+    for body in (
+        b'{"prompt": "a \\ud800 cat", "frames": 1}',  # a lone surrogate, JSON-escaped
+        b'{"prompt": "\\udfff", "frames": 1, "steps": 1}',
+    ):
+        r = api.http.post("/api/sessions", content=body, headers=headers)
+        assert r.status_code == 422 and "not valid Unicode" in r.json()["error"], r.text
+    r = api.http.post(
+        "/api/sessions", content=b'{"prompt": "\xff\xfe", "frames": 1}', headers=headers
+    )  # bytes that are not UTF-8 at all
+    assert r.status_code in (400, 422), r.text
+    r = api.http.get("/api/sessions", headers={"X-Lumos-Owner": owner})
+    assert r.status_code == 200 and r.json()["sessions"] == []  # nothing stored, list still works
+    s = create(api, owner=owner, frames=1)
+    r = api.http.post(
+        f"/api/sessions/{s['id']}/extend",
+        content=b'{"frames": 1, "prompt": "\\ud83d"}',
+        headers={**auth(s["token"]), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422 and "not valid Unicode" in r.json()["error"], r.text
+    wait_idle(api, s["id"], s["token"])
+    listed = api.http.get("/api/sessions", headers={"X-Lumos-Owner": owner}).json()["sessions"]
+    assert [x["id"] for x in listed] == [s["id"]]
+    r = api.http.delete(f"/api/sessions/{s['id']}", headers=auth(s["token"]))
+    assert r.status_code == 204
 
 
 def test_malformed_requests_get_4xx_with_a_message(api, done_session):
@@ -356,7 +407,8 @@ def test_sessions_are_listed_by_owner(api):
 def test_mp4_download_is_a_valid_video(api, done_session):
     sid, token = done_session["id"], done_session["token"]
     n = api.http.get(f"/api/sessions/{sid}", headers=auth(token)).json()["n_frames"]
-    r = api.http.get(f"/api/sessions/{sid}/video.mp4?token={token}")
+    assert api.http.get(f"/api/sessions/{sid}/video.mp4?token={token}").status_code == 401
+    r = api.http.get(f"/api/sessions/{sid}/video.mp4", headers=auth(token))
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "video/mp4"
     assert "attachment" in r.headers["content-disposition"]
@@ -368,7 +420,7 @@ def test_mp4_download_is_a_valid_video(api, done_session):
 def test_delete_health_page_and_docs(api):
     s = create(api, frames=1)
     wait_idle(api, s["id"], s["token"])
-    with ws_connect(api.ws_url(s["id"], s["token"], 1), open_timeout=30) as ws:
+    with api.ws(s["id"], s["token"], 1) as ws:
         assert json.loads(ws.recv(timeout=30))["type"] == "state"
         r = api.http.delete(f"/api/sessions/{s['id']}", headers=auth(s["token"]))
         assert r.status_code == 204
@@ -377,9 +429,21 @@ def test_delete_health_page_and_docs(api):
                 assert json.loads(ws.recv(timeout=30))["type"] != "frame"
     r = api.http.get(f"/api/sessions/{s['id']}", headers=auth(s["token"]))
     assert r.status_code == 404
-    health = api.http.get("/api/health").json()
-    assert health["status"] == "ok" and len(health["workers"]) >= 1
-    assert health["workers"][0]["dtype"] == "float32"  # random weights: float32 unless named
+    r = api.http.get("/api/health")  # public: ok/degraded and counts, no names, pids or hosts
+    health = r.json()
+    assert r.status_code == 200 and set(health) == {"status", "workers", "sessions"}, health
+    assert health["status"] == "ok" and health["workers"] == 1
+    assert set(health["sessions"]) == {"active", "limit"} and health["sessions"]["limit"] == 32
+    assert api.http.get("/api/admin/health").status_code == 401
+    r = api.http.get("/api/admin/health", headers=auth("y" * len(ADMIN_TOKEN)))
+    assert r.status_code == 403 and "wrong admin token" in r.json()["error"]
+    r = api.http.get("/api/admin/health", headers=auth(ADMIN_TOKEN))
+    admin = r.json()
+    assert r.status_code == 200 and admin["status"] == "ok", admin
+    assert admin["workers"][0]["dtype"] == "float32"  # random weights: float32 unless named
+    assert admin["workers"][0]["name"].startswith("worker-")
+    assert set(admin["refusals"]) == {"sessions_cap", "owner_cap", "rate_limit"}
+    assert admin["limits"]["max_sessions"] == 32
     limits = api.http.get("/api/config").json()["limits"]
     assert limits["max_frames_per_request"] == 64 and limits["max_steps"] == 100
     page = api.http.get("/")
@@ -387,15 +451,26 @@ def test_delete_health_page_and_docs(api):
     assert "content-security-policy" in page.headers
     assert api.http.get("/static/app.js").status_code == 200
     assert api.http.get("/docs").status_code == 200
-    paths = api.http.get("/openapi.json").json()["paths"]
-    assert "/api/sessions/{session_id}/extend" in paths
+    schema = api.http.get("/openapi.json").json()
+    assert "/api/sessions/{session_id}/extend" in schema["paths"]
+    # the schema states the limits this server enforces
+    create_body = schema["components"]["schemas"]["CreateSessionRequest"]["properties"]
+    assert create_body["prompt"]["maxLength"] == 500 and create_body["frames"]["maximum"] == 64
+    assert create_body["steps"]["anyOf"][0]["maximum"] == 100
+    refusal = schema["paths"]["/api/sessions"]["post"]["responses"]["429"]
+    assert "Retry-After" in refusal["headers"]
+    for words in ("at most 32 queued or generating", "bursts of 500", "429 owner_cap"):
+        assert words in schema["info"]["description"], words
+    for path, ops in schema["paths"].items():  # no token in any URL
+        for op in ops.values():
+            assert "token" not in [p["name"] for p in op.get("parameters", [])], path
 
 
 def test_cancel_stops_a_generation_and_keeps_its_frames(api):
     s = create(api, frames=30, steps=20)
     sid, token = s["id"], s["token"]
     assert s["state"]["status"] in ("queued", "running")
-    with ws_connect(api.ws_url(sid, token), open_timeout=30) as ws:
+    with api.ws(sid, token) as ws:
         read_frames(ws, 1)  # at least one frame is committed
         assert api.http.post(f"/api/sessions/{sid}/cancel").status_code == 401
         assert (

@@ -1,39 +1,59 @@
 """The HTTP + WebSocket API of Lumos and its static viewer (system.md, "streams -> SignalR").
 
-The app is a thin, untrusting shell around `lumos.cluster.client.LumosClient`: it validates every
-input against the limits of the `ServeConfig`, checks the session's bearer token, and turns the
-client's frame stream into WebSocket messages. It never sees tensors or Ray.
+The app is a thin, untrusting shell around `lumos.cluster.client.LumosClient`: it parses and types
+every input, applies the request-rate limits, checks the session's bearer token, and turns the
+client's frame stream into WebSocket messages. The client checks every field against the one
+`Limits` of the `ServeConfig` and admits sessions atomically through the store. The app never sees
+tensors or Ray.
 
-Auth. Each session has its own bearer token, returned once by `POST /api/sessions`. Requests on a
-session send `Authorization: Bearer <token>`; the WebSocket and the links a browser follows
-(frame PNGs, the mp4) may pass `?token=` instead. No token at all: 401. A token that does not open
-this session, or an unknown session id: 404 with the same body, so a caller cannot tell whether a
-session exists. `X-Lumos-Owner: <random key>` (kept by the browser) groups one person's sessions;
-the server passes on only a salted sha256 of it, and `GET /api/sessions` lists that owner's
-sessions, never their tokens.
+Auth. Each session has its own bearer token, returned once by `POST /api/sessions`. Every request
+on a session sends `Authorization: Bearer <token>`; no route takes a token in its URL (the viewer
+fetches frames and the mp4 with the header and shows them as blob: URLs). No token: 401. A token
+that does not open this session, or an unknown session id: 404 with the same body, so a caller
+cannot tell whether a session exists. `X-Lumos-Owner: <random key>` (kept by the browser) groups
+one person's sessions; the server passes on only a salted sha256 of it, and `GET /api/sessions`
+lists that owner's sessions, never their tokens.
+
+Limits (values: `GET /api/config`, and in this schema). Fields out of range: 422 (413 for a body or
+image over its size). Capacity: at most `max_sessions` sessions active (queued or generating) at
+once, `max_sessions_per_owner` per owner key, `max_stored_sessions_per_owner` kept per owner key;
+checked and reserved in one atomic step in the store, so concurrent requests never exceed them.
+Rate: a token bucket per client address (`rate_per_s`, burst `rate_burst`) and per owner key
+(`owner_rate_per_s`, burst `owner_rate_burst`) on create and extend. Beyond any of them: 429 with
+`Retry-After` (seconds) and `{"error", "reason": "sessions_cap" | "owner_cap" | "rate_limit"}`;
+a refused request changes nothing already stored.
 
 Errors. Every error is JSON `{"error": "<message>"}` (validation errors add `details`): 400
-malformed JSON or a refused request, 401 no token, 404 unknown session / wrong token / no such
-frame, 409 the session is still generating, 413 body or image too large, 422 a field out of
-range or of the wrong type, 429 too many sessions generating (retry later), 503 the cluster
-failed.
+malformed JSON or a refused request, 401 no token, 403 a wrong admin token, 404 unknown session /
+wrong token / no such frame, 409 the session is still generating, 413 body or image too large, 422
+a field out of range or of the wrong type (text that is not valid Unicode included), 429 a limit
+(above), 503 the cluster failed.
 
-WebSocket `/api/sessions/{id}/stream?token=..&from=k` sends `{"type": "frame", "seq", "png"
-(base64), "shape", "meta"}` for frames k.. exactly once and in order (stored frames, then live,
-following later extends), `{"type": "state", ...}` when the status changes, and `{"type":
-"error", "status", "error"}` before closing with code 4000 + status. A client that loses the socket
-(or sees the API restart) reconnects with from=<last seq + 1>.
+WebSocket `/api/sessions/{id}/stream?from=k` (k: ASCII digits, default 0). The client first sends
+the text message `{"type": "auth", "token": "<token>"}` (within 10 s). Then the server sends
+`{"type": "frame", "seq", "png" (base64), "shape", "meta"}` for frames k.. exactly once and in
+order (stored frames, then live, following later extends) and `{"type": "state", ...}` when the
+status changes. Before closing on an error it sends `{"type": "error", "status", "error"}`; close
+codes: 4400 a bad `from`; 4401 no auth message, a wrong token or an unknown session (the reason
+"session not found" for both of the latter); 4410 the session was deleted; 4503 the stream failed.
+A client that loses the socket (or sees the API restart) reconnects with from=<last seq + 1>.
+
+Health. `GET /api/health` (public) answers `{"status": "ok" | "degraded", "workers": <live
+workers>, "sessions": {"active", "limit"}}`: 200 when ok, 503 with a `reason` when no worker is
+live. `GET /api/admin/health` with `Authorization: Bearer <admin token>` (ServeConfig.admin_token,
+or env LUMOS_ADMIN_TOKEN) adds every worker's details, the 429 counts by reason and the limits;
+without an admin token configured it answers 404, without a token 401, with a wrong one 403.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
+import hmac
 import inspect
-import io
+import json
 import logging
 import re
 import secrets
@@ -43,7 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Header, Request, WebSocket
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -52,17 +72,24 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocketState
 
-from lumos.api import metrics
+from lumos.api import metrics, openapi
+from lumos.api.inputs import Guard, RedactTokens, bearer, decode_image, error, max_image_chars
+from lumos.api.ratelimit import RateLimiter, retry_after
 from lumos.api.schemas import (
+    REFUSAL_REASONS,
+    AdminHealth,
     CreateSessionRequest,
     CreateSessionResponse,
     ErrorBody,
     ExtendRequest,
     Health,
-    Limits,
+    RefusalBody,
     SessionList,
     SessionState,
 )
+from lumos.cluster.limits import InvalidRequest, Limits, TooLarge
+from lumos.cluster.runtime import error_message as _message
+from lumos.store import AdmissionRefused
 
 if TYPE_CHECKING:
     from lumos.cluster.client import LumosClient
@@ -71,27 +98,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("lumos.api")
 
 STATIC = Path(__file__).parent / "static"
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-OWNER_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch
+OWNER_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")  # fullmatch
 MAX_TOKEN_CHARS = 512
-MAX_FORWARD_SIDE = 1024  # images are shrunk to this side before going to the cluster
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
+AUTH_TIMEOUT_S = 10.0  # a WebSocket must send its auth message within this
+MAX_AUTH_MESSAGE = 4096
 STATE_KEYS = tuple(SessionState.model_fields)
 STATE_POLL_S = 0.5
 NOT_FOUND = "session not found (unknown id, or a token that does not open it)"
+WS_NOT_FOUND = "session not found"  # the close reason of a wrong token and of an unknown id
+WS_AUTH = 'auth required: send {"type": "auth", "token": "<token>"} first'
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' ws: wss:; "
         "style-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'"
     ),
 }
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-]
-ERRORS = {
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
         (400, "malformed request"),
@@ -100,25 +124,27 @@ ERRORS = {
         (409, "session busy"),
         (413, "too large"),
         (422, "invalid field"),
-        (429, "the cluster is at capacity"),
         (503, "cluster unavailable"),
     )
 }
+ERRORS[429] = {
+    "model": RefusalBody,
+    "description": "a capacity or rate limit: retry after Retry-After seconds",
+    "headers": RETRY_AFTER,
+}
+
+
+class Refused(HTTPException):
+    """A 429: carries the reason ("sessions_cap" | "owner_cap" | "rate_limit")."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: int) -> None:
+        super().__init__(429, message, {"Retry-After": str(int(retry_after_s))})
+        self.reason = reason
 
 
 async def _maybe(value: Any) -> Any:
     """Await value if it is awaitable (the client's methods are coroutines; tolerate plain ones)."""
     return await value if inspect.isawaitable(value) else value
-
-
-def _message(exc: BaseException) -> str:
-    """A one-line message for an exception raised by the cluster (innermost cause preferred)."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and cause is not exc:
-        exc = cause
-    text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
 def owner_hash(key: str) -> str:
@@ -150,133 +176,17 @@ def _summary(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
-
-
-def decode_image(text: str, limits: Limits) -> bytes:
-    """Base64 PNG/JPEG (or a data: URL of one) -> validated PNG bytes; HTTPException if bad."""
-    from PIL import Image, UnidentifiedImageError
-
-    if text.startswith("data:"):
-        header, sep, text = text.partition(",")
-        if not sep or not re.fullmatch(r"data:image/(png|jpeg|jpg);base64", header):
-            raise HTTPException(422, "image: a data URL must be data:image/png|jpeg;base64,...")
-    text = "".join(text.split())
-    if len(text) > (limits.max_image_bytes + 2) // 3 * 4:
-        raise HTTPException(413, f"image: larger than the limit of {limits.max_image_bytes} bytes")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPException(422, "image: not valid base64") from None
-    if len(data) > limits.max_image_bytes:
-        raise HTTPException(413, f"image: larger than the limit of {limits.max_image_bytes} bytes")
-    if not (data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC)):
-        raise HTTPException(422, "image: not a PNG or JPEG file")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if max(width, height) > limits.max_image_side or min(width, height) < 1:
-                raise HTTPException(
-                    422,
-                    f"image: {width}x{height} pixels; each side must be 1..{limits.max_image_side}",
-                )
-            probe.verify()
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-            rgb.thumbnail((MAX_FORWARD_SIDE, MAX_FORWARD_SIDE))  # bounds the PNG passed on
-    except HTTPException:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise HTTPException(422, "image: not a readable PNG or JPEG image") from None
-    out = io.BytesIO()
-    rgb.save(out, format="PNG")
-    return out.getvalue()
-
-
-class _Guard:
-    """ASGI middleware: cap request bodies (413) and add security headers to every response."""
-
-    def __init__(self, app: Any, max_body: int) -> None:
-        self.app = app
-        self.max_body = max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
-            await send(message)
-
-        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            headers = dict(scope.get("headers") or [])
-            length = headers.get(b"content-length")
-            too_large = _error(413, f"request body larger than {self.max_body} bytes")
-            if length is not None:
-                if not length.isdigit():
-                    await _error(400, "bad Content-Length")(scope, receive, send_with_headers)
-                    return
-                if int(length) > self.max_body:
-                    await too_large(scope, receive, send_with_headers)
-                    return
-            chunks, size = [], 0
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.max_body:
-                    await too_large(scope, receive, send_with_headers)
-                    return
-                if not message.get("more_body", False):
-                    break
-            body, replayed = b"".join(chunks), False
-
-            async def replay() -> dict:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send_with_headers)
-            return
-        await self.app(scope, receive, send_with_headers)
-
-
-class _RedactTokens(logging.Filter):
-    """Hide `token=` query values in access logs (the WebSocket and mp4 links carry them)."""
-
-    pattern = re.compile(r"(token=)[^&\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                self.pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
-        return True
-
-
 def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None) -> FastAPI:
     """Build the app. With client=None the lifespan starts `LumosClient.start(cfg)` and closes
     it on shutdown; a client passed in is used as is and left open (the caller owns it)."""
     if cfg is None and client is None:
         raise ValueError("create_app needs a ServeConfig (or an already started client)")
-    limits = Limits.from_config(cfg if cfg is not None else getattr(client, "cfg", None))
-    max_body = (limits.max_image_bytes + 2) // 3 * 4 + 64 * 1024
+    source = cfg if cfg is not None else getattr(client, "cfg", None)
+    limits = getattr(source, "limits", None) or Limits()
+    admin_token = getattr(source, "admin_token", None)
+    max_body = max_image_chars(limits) + 64 * 1024
+    by_address = RateLimiter(limits.rate_per_s, limits.rate_burst)
+    by_owner = RateLimiter(limits.owner_rate_per_s, limits.owner_rate_burst)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -302,19 +212,14 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         docs_url=None,  # FastAPI's pages load from a CDN: /docs is static/docs.html instead
         redoc_url=None,
     )
-    app.add_middleware(_Guard, max_body=max_body)
+    app.state.refusals = dict.fromkeys(REFUSAL_REASONS, 0)  # 429s by reason (metrics export it)
+    app.add_middleware(Guard, max_body=max_body)
     metrics.install(app)  # GET /metrics (lumos.api.metrics)
+    openapi.install(app, limits)  # the limits' values in /openapi.json
     for name in ("uvicorn.access", "uvicorn.error"):  # the latter logs WebSocket URLs
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _RedactTokens) for f in logger.filters):
-            logger.addFilter(_RedactTokens())
-
-    try:
-        from lumos.cluster.client import LimitExceeded
-
-        capacity_errors: tuple[type[BaseException], ...] = (LimitExceeded,)
-    except ImportError:  # a build without the cluster package (a test client is passed in)
-        capacity_errors = ()
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
 
     def cluster(request: Request | WebSocket) -> Any:
         return request.app.state.client
@@ -325,15 +230,41 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             return await _maybe(coro)
         except HTTPException:
             raise
+        except AdmissionRefused as e:  # a capacity limit: nothing was stored, retry later
+            raise Refused(str(e), e.reason, e.retry_after_s) from None
+        except TooLarge as e:
+            raise HTTPException(413, str(e)) from None
+        except InvalidRequest as e:
+            raise HTTPException(422, str(e)) from None
         except KeyError:
             raise HTTPException(404, NOT_FOUND) from None
         except ValueError as e:
-            if isinstance(e, capacity_errors):  # the cluster is at capacity: retry later
-                raise HTTPException(429, _message(e), {"Retry-After": "5"}) from None
             raise HTTPException(409 if conflict else 400, _message(e)) from None
         except Exception as e:
             log.exception("cluster call failed")
             raise HTTPException(503, f"cluster error: {_message(e)}") from None
+
+    def rate_limit(request: Request, owner: str | None) -> None:
+        """Take a token from the caller's address bucket and its owner's; 429 if either is out."""
+        address = request.client.host if request.client else "unknown"
+        wait = by_address.take(address)
+        if wait:
+            raise Refused(
+                f"too many requests from this address (at most {limits.rate_per_s:g} creates "
+                f"and extends per second, bursts of {limits.rate_burst}); retry in "
+                f"{retry_after(wait)} s",
+                "rate_limit",
+                retry_after(wait),
+            )
+        wait = by_owner.take(owner) if owner else 0.0
+        if wait:
+            raise Refused(
+                f"too many requests for this owner (at most {limits.owner_rate_per_s:g} creates "
+                f"and extends per second, bursts of {limits.owner_rate_burst}); retry in "
+                f"{retry_after(wait)} s",
+                "rate_limit",
+                retry_after(wait),
+            )
 
     async def authorized(
         request: Request | WebSocket, session_id: str, token: str | None
@@ -345,7 +276,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
                 "missing token: send Authorization: Bearer <token>",
                 {"WWW-Authenticate": "Bearer"},
             )
-        if not SESSION_ID.match(session_id) or len(token) > MAX_TOKEN_CHARS:
+        if not SESSION_ID.fullmatch(session_id) or len(token) > MAX_TOKEN_CHARS:
             raise HTTPException(404, NOT_FOUND)
         client_ = cluster(request)
         try:
@@ -364,7 +295,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             if required:
                 raise HTTPException(400, "X-Lumos-Owner header required to list sessions")
             return None
-        if not OWNER_KEY.match(key):
+        if not OWNER_KEY.fullmatch(key):
             raise HTTPException(
                 400, "X-Lumos-Owner must be 16-128 characters of A-Z, a-z, 0-9, '-' or '_'"
             )
@@ -372,13 +303,18 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        extra = {}
+        if isinstance(exc, Refused):
+            refusals = request.app.state.refusals
+            refusals[exc.reason] = refusals.get(exc.reason, 0) + 1
+            extra["reason"] = exc.reason
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None), **extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return _error(400, "request body is not valid JSON")
+            return error(400, "request body is not valid JSON")
         details = []
         for e in errors:
             loc = [str(part) for part in e.get("loc", ()) if part != "body"]
@@ -387,13 +323,14 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details
         )
         return JSONResponse(
-            {"error": text or "invalid request", "details": details}, status_code=422
+            jsonable_encoder({"error": text or "invalid request", "details": details}),
+            status_code=422,
         )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, "internal server error")
+        return error(500, "internal server error")
 
     # -- pages -------------------------------------------------------------------------------
 
@@ -410,11 +347,82 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
 
     # -- service -----------------------------------------------------------------------------
 
-    @app.get("/api/health", response_model=Health, responses=ERRORS)
-    async def health(request: Request) -> dict[str, Any]:
-        """Liveness and the cluster's workers."""
-        workers = await call(cluster(request).workers())
-        return {"status": "ok", "workers": jsonable_encoder(list(workers))}
+    async def health_report(request: Request) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the client's health report, the session counts or None if the store failed)."""
+        client_ = cluster(request)
+        try:
+            report = dict(await _maybe(client_.health()))
+        except Exception as e:
+            log.warning("health: %r", e)
+            report = {"status": "unavailable", "reason": f"cluster error: {_message(e)}"}
+        report["workers"] = [w for w in report.get("workers") or [] if w.get("alive", True)]
+        try:
+            active = int(await _maybe(client_.store.active_count()))
+            sessions = {"active": active, "limit": limits.max_sessions}
+        except Exception as e:
+            log.warning("health: the store failed: %r", e)
+            sessions = None
+            if report.get("status") == "ok":
+                report["status"], report["reason"] = "unavailable", "the session store failed"
+        if report.get("status") == "ok" and not report["workers"]:
+            report["status"], report["reason"] = "unavailable", "no live worker"
+        return report, sessions
+
+    @app.get(
+        "/api/health",
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses={503: {"model": Health, "description": "degraded: see reason"}},
+    )
+    async def health(request: Request) -> Any:
+        """Public liveness: ok/degraded and counts only (details: /api/admin/health)."""
+        report, sessions = await health_report(request)
+        body: dict[str, Any] = {"status": "ok", "workers": len(report["workers"])}
+        if sessions is not None:
+            body["sessions"] = sessions
+        if report.get("status") != "ok":
+            body["status"], body["reason"] = "degraded", str(report.get("reason") or "unavailable")
+            return JSONResponse(body, status_code=503)
+        return body
+
+    @app.get(
+        "/api/admin/health",
+        response_model=AdminHealth,
+        response_model_exclude_none=True,
+        responses={
+            401: {"model": ErrorBody, "description": "no admin token"},
+            403: {"model": ErrorBody, "description": "a wrong admin token"},
+            404: {"model": ErrorBody, "description": "no admin token is configured"},
+            503: {"model": AdminHealth, "description": "degraded: see reason"},
+        },
+    )
+    async def admin_health(request: Request, authorization: str | None = Header(None)) -> Any:
+        """Operator view behind `Authorization: Bearer <admin token>`: every worker's details
+        (names, hosts, devices, load), the 429 counts by reason and the limits."""
+        if not admin_token:
+            raise HTTPException(404, "Not Found")
+        token = bearer(authorization)
+        if not token:
+            raise HTTPException(
+                401,
+                "missing admin token: send Authorization: Bearer <admin token>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(token.encode(), admin_token.encode()):
+            raise HTTPException(403, "wrong admin token")
+        report, sessions = await health_report(request)
+        body = {
+            "status": "ok" if report.get("status") == "ok" else "degraded",
+            "reason": report.get("reason"),
+            "workers": jsonable_encoder(report["workers"]),
+            "hosts": jsonable_encoder(report.get("hosts")),
+            "sessions": sessions,
+            "refusals": dict(request.app.state.refusals),
+            "limits": limits.as_dict(),
+        }
+        if body["status"] != "ok":
+            return JSONResponse(jsonable_encoder(body), status_code=503)
+        return body
 
     model_name = str(getattr(cfg if cfg is not None else client, "model", None) or "bundled")
 
@@ -440,27 +448,20 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         x_lumos_owner: str | None = Header(None, description="the caller's private owner key"),
     ) -> dict[str, Any]:
         """Start a session and generate its first frames. The token is returned only here."""
-        owner = owner_of(x_lumos_owner, required=False) or "anon-" + secrets.token_hex(16)
-        prompt = body.prompt.strip()
-        for problem in (
-            limits.prompt_error(prompt, required=True),
-            limits.frames_error(body.frames, 1 if body.image is not None else 0),
-            limits.settings_error(body.steps, body.cfg),
-        ):
-            if problem:
-                raise HTTPException(422, problem)
+        owner = owner_of(x_lumos_owner, required=False)
+        rate_limit(request, owner)
         image = None
         if body.image is not None:
             image = await asyncio.to_thread(decode_image, body.image, limits)
         state, token = await call(
             cluster(request).create_session(
-                prompt=prompt,
+                prompt=body.prompt,
                 frames=body.frames,
                 steps=body.steps,
                 cfg_scale=body.cfg,
                 seed=body.seed,
                 image_png=image,
-                owner=owner,
+                owner=owner or "anon-" + secrets.token_hex(16),
             )
         )
         state = public_state(state)
@@ -481,7 +482,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         session_id: str, request: Request, authorization: str | None = Header(None)
     ) -> dict[str, Any]:
         """The session's state."""
-        return public_state(await authorized(request, session_id, _bearer(authorization)))
+        return public_state(await authorized(request, session_id, bearer(authorization)))
 
     @app.post(
         "/api/sessions/{session_id}/extend",
@@ -496,16 +497,11 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         authorization: str | None = Header(None),
     ) -> dict[str, Any]:
         """Generate more frames (optionally under a new prompt); they stream on the WebSocket."""
-        state = await authorized(request, session_id, _bearer(authorization))
-        prompt = (body.prompt or "").strip() or None
-        problem = limits.prompt_error(prompt or "", required=False) or limits.frames_error(
-            body.frames, int(state.get("n_frames") or 0)
+        state = await authorized(request, session_id, bearer(authorization))
+        rate_limit(request, state.get("owner") or None)
+        new = await call(
+            cluster(request).extend(session_id, body.frames, body.prompt), conflict=True
         )
-        if problem:
-            raise HTTPException(422, problem)
-        if state.get("status") in ("queued", "running"):
-            raise HTTPException(409, "the session is still generating; extend it when it is done")
-        new = await call(cluster(request).extend(session_id, body.frames, prompt), conflict=True)
         return public_state(new)
 
     @app.post("/api/sessions/{session_id}/cancel", response_model=SessionState, responses=ERRORS)
@@ -513,7 +509,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         session_id: str, request: Request, authorization: str | None = Header(None)
     ) -> dict[str, Any]:
         """Stop a running generation: the frames committed so far stay, the status is `done`."""
-        await authorized(request, session_id, _bearer(authorization))
+        await authorized(request, session_id, bearer(authorization))
         return public_state(await call(cluster(request).cancel(session_id)))
 
     @app.get(
@@ -526,10 +522,9 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         request: Request,
         seq: int = PathParam(ge=0, le=10**7),
         authorization: str | None = Header(None),
-        token: str | None = Query(None, description="the session token (for <img> links)"),
     ) -> Response:
-        """One committed frame as PNG."""
-        await authorized(request, session_id, _bearer(authorization) or token)
+        """One committed frame as PNG (bearer header only: no token in URLs)."""
+        await authorized(request, session_id, bearer(authorization))
         records = await call(cluster(request).frames(session_id, seq, seq + 1))
         if not records or not records[0].pixels:
             raise HTTPException(404, f"frame {seq} does not exist (yet)")
@@ -546,10 +541,9 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         session_id: str,
         request: Request,
         authorization: str | None = Header(None),
-        token: str | None = Query(None, description="the session token (for download links)"),
     ) -> Response:
-        """Every committed frame of the session as an H.264 mp4."""
-        state = await authorized(request, session_id, _bearer(authorization) or token)
+        """Every committed frame of the session as an H.264 mp4 (bearer header only)."""
+        state = await authorized(request, session_id, bearer(authorization))
         if not int(state.get("n_frames") or 0):
             raise HTTPException(409, "the session has no frames yet")
         data = await call(cluster(request).video_mp4(session_id), conflict=True)
@@ -567,7 +561,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         session_id: str, request: Request, authorization: str | None = Header(None)
     ) -> Response:
         """Delete the session and all its frames."""
-        await authorized(request, session_id, _bearer(authorization))
+        await authorized(request, session_id, bearer(authorization))
         await call(cluster(request).delete_session(session_id))
         return Response(status_code=204)
 
@@ -575,7 +569,8 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
 
     @app.websocket("/api/sessions/{session_id}/stream")
     async def stream(websocket: WebSocket, session_id: str) -> None:
-        """Frames from ?from= on, exactly once and in order; then live frames and state changes."""
+        """Auth message first; then frames from ?from= on, exactly once and in order, live
+        frames and state changes (see the module docstring for the messages and close codes)."""
         await websocket.accept()
         lock = asyncio.Lock()
 
@@ -583,22 +578,33 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             async with lock:
                 await websocket.send_json(message)
 
-        async def fail(status: int, message: str) -> None:
+        async def fail(code: int, message: str) -> None:
             with contextlib.suppress(Exception):
-                await send({"type": "error", "status": status, "error": message})
-                await websocket.close(code=4000 + status, reason=message[:100])
+                await send({"type": "error", "status": code - 4000, "error": message})
+                await websocket.close(code=code, reason=message[:120])
 
         raw_from = websocket.query_params.get("from", "0")
-        if not raw_from.isdigit() or len(raw_from) > 9:
-            await fail(400, "from must be a non-negative integer")
+        if not (raw_from.isascii() and raw_from.isdigit()) or len(raw_from) > 9:
+            await fail(4400, "from must be a frame number: 1 to 9 ASCII digits (0-9)")
             return
-        token = websocket.query_params.get("token") or _bearer(
-            websocket.headers.get("authorization")
-        )
+        try:
+            first_message = await asyncio.wait_for(websocket.receive(), AUTH_TIMEOUT_S)
+        except TimeoutError:
+            await fail(4401, WS_AUTH)
+            return
+        if first_message["type"] == "websocket.disconnect":
+            return
+        token = _auth_token(first_message.get("text"))
+        if token is None:
+            await fail(4401, WS_AUTH)
+            return
         try:
             state = await authorized(websocket, session_id, token)
         except HTTPException as e:
-            await fail(e.status_code, str(e.detail))
+            if e.status_code in (401, 404):
+                await fail(4401, WS_NOT_FOUND)
+            else:
+                await fail(4000 + e.status_code, str(e.detail))
             return
         client_ = cluster(websocket)
         next_seq = int(raw_from)
@@ -663,10 +669,9 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
                     await send({"type": "state", **public_state(now)})
 
         async def receive() -> str:
-            with contextlib.suppress(WebSocketDisconnect):
-                while True:
-                    await websocket.receive_text()
-            return "disconnected"
+            while True:  # the client sends nothing more; text or bytes are ignored
+                if (await websocket.receive())["type"] == "websocket.disconnect":
+                    return "disconnected"
 
         await send({"type": "state", **public_state(state)})
         outcome: list[tuple[str | None, Exception | None]] = []
@@ -684,19 +689,31 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             tg.start_soon(first, receive, tg)
         result, exc = outcome[0] if outcome else ("cancelled", None)
         if exc is not None:
-            if isinstance(exc, WebSocketDisconnect) or (
-                websocket.client_state != WebSocketState.CONNECTED
-            ):
+            if websocket.client_state != WebSocketState.CONNECTED:
                 return
             if isinstance(exc, KeyError):
-                await fail(404, NOT_FOUND)
+                await fail(4410, "session was deleted")
             else:
                 log.error("stream of %s failed: %r", session_id, exc)
-                await fail(503, f"stream failed: {_message(exc)}")
+                await fail(4503, f"stream failed: {_message(exc)}")
         elif result == "deleted":
-            await fail(404, "session was deleted")
+            await fail(4410, "session was deleted")
         elif result == "ended":
             with contextlib.suppress(Exception):
                 await websocket.close(code=1000)
 
     return app
+
+
+def _auth_token(text: str | None) -> str | None:
+    """The token of a WebSocket's first message {"type": "auth", "token": "..."}, or None."""
+    if not isinstance(text, str) or len(text) > MAX_AUTH_MESSAGE:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("type") != "auth":
+        return None
+    token = data.get("token")
+    return token if isinstance(token, str) and token else None

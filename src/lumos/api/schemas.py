@@ -1,14 +1,14 @@
 """Request and response bodies of the HTTP API (system.md, "api/").
 
 Types are strict (no "5" for 5, no true for 1) and unknown fields are rejected. The numeric limits
-(frames per request, steps, cfg, prompt length, image size) come from the running `ServeConfig`, so
-the app checks them per request (`Limits.check_*`) and publishes them at `GET /api/config`.
+(frames per request, steps, cfg, prompt length, image size) come from the running `ServeConfig`
+(`lumos.cluster.limits.Limits`, checked once per request by the client); the app writes their
+values into its OpenAPI schema and publishes them at `GET /api/config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
@@ -76,9 +76,29 @@ class SessionList(BaseModel):
     sessions: list[SessionSummary]
 
 
+class SessionCounts(BaseModel):
+    active: int = Field(description="sessions queued or generating now")
+    limit: int = Field(description="at most this many at once (429 beyond)")
+
+
 class Health(BaseModel):
-    status: str
+    """Public liveness: no names, pids or hosts."""
+
+    status: Literal["ok", "degraded"]
+    workers: int = Field(description="live workers")
+    sessions: SessionCounts | None = None
+    reason: str | None = Field(None, description="why the service is degraded (with 503)")
+
+
+class AdminHealth(BaseModel):
+    """Operator view: every worker's details, the refusal counters, the limits."""
+
+    status: Literal["ok", "degraded"]
     workers: list[dict[str, Any]]
+    sessions: SessionCounts | None = None
+    refusals: dict[str, int] = Field(description="429s by reason since the process started")
+    limits: dict[str, Any]
+    reason: str | None = None
 
 
 class ErrorBody(BaseModel):
@@ -86,73 +106,11 @@ class ErrorBody(BaseModel):
     details: list[dict[str, Any]] | None = Field(None, description="per-field validation errors")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Input limits of the API, read from a ServeConfig (see `from_config`)."""
+REFUSAL_REASONS = ("sessions_cap", "owner_cap", "rate_limit")
 
-    max_prompt_chars: int = 500
-    max_frames_per_request: int = 64
-    max_frames_per_session: int = 256
-    max_image_bytes: int = 4 * 1024 * 1024
-    min_steps: int = 1
-    max_steps: int = 100
-    min_cfg: float = 0.0
-    max_cfg: float = 30.0
-    max_image_side: int = 4096
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> Limits:
-        """Take every limit the config names (directly or in a nested `limits` object)."""
-        sources = [s for s in (getattr(cfg, "limits", None), cfg) if s is not None]
+class RefusalBody(BaseModel):
+    """A 429: retry after the Retry-After header's seconds."""
 
-        def find(*names: str) -> Any:
-            for source in sources:
-                for name in names:
-                    value = (
-                        source.get(name)
-                        if isinstance(source, dict)
-                        else getattr(source, name, None)
-                    )
-                    if value is not None:
-                        return value
-            return None
-
-        values: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            value = find(name)
-            if value is not None:
-                values[name] = value
-        for kind in ("steps", "cfg"):  # a (low, high) pair: limits.steps or cfg.steps_range
-            pair = find(f"{kind}_range", kind)
-            if isinstance(pair, list | tuple) and len(pair) == 2:
-                values[f"min_{kind}"], values[f"max_{kind}"] = pair
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def prompt_error(self, prompt: str, required: bool) -> str | None:
-        if required and not prompt:
-            return "prompt must not be empty"
-        if len(prompt) > self.max_prompt_chars:
-            return f"prompt is {len(prompt)} characters long; the limit is {self.max_prompt_chars}"
-        if "\x00" in prompt:
-            return "prompt must not contain NUL characters"
-        return None
-
-    def frames_error(self, frames: int, n_frames: int = 0) -> str | None:
-        if not 1 <= frames <= self.max_frames_per_request:
-            return f"frames must be between 1 and {self.max_frames_per_request}, got {frames}"
-        if n_frames + frames > self.max_frames_per_session:
-            return (
-                f"a session holds at most {self.max_frames_per_session} frames; it has "
-                f"{n_frames}, so at most {max(0, self.max_frames_per_session - n_frames)} more"
-            )
-        return None
-
-    def settings_error(self, steps: int | None, cfg: float | None) -> str | None:
-        if steps is not None and not self.min_steps <= steps <= self.max_steps:
-            return f"steps must be between {self.min_steps} and {self.max_steps}, got {steps}"
-        if cfg is not None and not self.min_cfg <= cfg <= self.max_cfg:
-            return f"cfg must be between {self.min_cfg:g} and {self.max_cfg:g}, got {cfg:g}"
-        return None
+    error: str
+    reason: Literal["sessions_cap", "owner_cap", "rate_limit"]
