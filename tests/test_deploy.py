@@ -425,11 +425,19 @@ def test_deploy_doc_commands_are_valid():
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if not line or line.startswith("#"):
-                continue
+            if not re.search(r"(^|[\s/])(lumos|ray)\s", line) or line.startswith("#"):
+                continue  # only lines that run lumos or ray are parsed
             for words in shell_commands(line):
-                if words[0] in ("lumos", ".venv/bin/lumos"):
-                    check_command(["lumos", *words[1:]])
+                words = ["lumos" if w == ".venv/bin/lumos" else w for w in words]
+                if words[0] == "ray":
+                    check_command(words)
+                starts = [
+                    i
+                    for i, w in enumerate(words)
+                    if w == "lumos" and (i == 0 or words[i - 1].startswith("lumos:"))
+                ]  # `lumos ...`, or `docker run ... lumos:cpu lumos ...`
+                for i in starts:
+                    assert check_command(words[i:]) == "lumos"
                     checked += 1
     assert checked >= 3, "docs/DEPLOY.md shows no lumos commands"
     assert "not run" in text.lower()

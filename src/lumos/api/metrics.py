@@ -136,6 +136,7 @@ class _ClusterCollector(Collector):
                 ("idle_sessions",),
             ),
             "lumos_worker_streams": ("open frame streams of the worker", ("streams",)),
+            "lumos_worker_capacity": ("sessions the worker batches at most", ("capacity",)),
             "lumos_worker_kv_bytes": ("KV-cache bytes held by the worker", ("kv_bytes",)),
             "lumos_worker_kv_budget_bytes": (
                 "the worker's KV-cache budget in bytes",
