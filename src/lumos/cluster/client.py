@@ -308,6 +308,9 @@ class LumosClient:
             owner=owner,
             settings=settings,
             prompts=[[0, prompt]],
+            # not "queued" yet: the first extend below queues it (a session activated while
+            # "queued" with nothing to do is set "done", which would end its admission)
+            status="done",
         )
         # ADMISSION HOOK: store + reserve in one atomic step (AdmissionRefused: nothing stored)
         await self.store.create_session(meta, limits.admission())
