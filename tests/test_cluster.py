@@ -1,4 +1,4 @@
-"""Cluster layer on a real local Ray: session actors, worker actors, the store and the client.
+"""Cluster layer on a real local Ray: session hosts and grains, workers, the store, the client.
 
 One Ray instance per module (random ports; never 6379, which is the Redis below), SQLite in a
 temporary file and Redis at 127.0.0.1:6379/15 under a per-run key prefix, the random tiny model
@@ -19,6 +19,7 @@ import redis
 import torch
 from PIL import Image
 
+from clustering import assert_complete, collect, wait_for
 from lumos.cluster import (
     LimitExceeded,
     Limits,
@@ -95,42 +96,11 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def collect(aiter, on_frame=None) -> list[dict]:
-    out = []
-    async for frame in aiter:
-        out.append(frame)
-        if on_frame is not None:
-            await on_frame(frame, out)
-    return out
-
-
-async def wait_for(predicate, timeout_s: float = 30.0, every_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(every_s)
-
-
 def png(h: int = 80, w: int = 100, seed: int = 0) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
-
-
-async def assert_complete(client: LumosClient, sid: str, n: int, frames: list[dict]) -> None:
-    """seq 0..n-1 exactly once, in order, in the stream and in the store, with equal pixels."""
-    assert [f["seq"] for f in frames] == list(range(n))
-    stored = await client.frames(sid)
-    assert [r.seq for r in stored] == list(range(n))
-    assert [r.pixels for r in stored] == [f["pixels"] for f in frames]
-    assert all(r.pixels[:8] == b"\x89PNG\r\n\x1a\n" for r in stored)
-    state = await client.state(sid)
-    assert state["status"] == "done" and state["n_frames"] == n, state
 
 
 async def ensure_workers(cfg: ServeConfig) -> None:

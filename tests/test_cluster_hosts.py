@@ -1,0 +1,339 @@
+"""Session hosts, grains, supervision and placement on a real local Ray (one node).
+
+One Ray instance for the module (address="local": random ports, never 6379) with one supervised
+worker serving the random tiny model. Each test opens its own SQLite file, so it gets its own
+session hosts (their names carry the store) with the idle timeout it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import httpx
+import pytest
+import ray
+import torch
+
+from clustering import assert_complete, collect, wait_for
+from lumos.cluster import LumosClient, NoWorkersError, ServeConfig, runtime
+from lumos.cluster.host import shard_of
+from lumos.cluster.placement import choose, rank
+from serving import Server
+
+torch.set_num_threads(1)
+
+RUN = uuid.uuid4().hex[:10]
+NAMESPACE = f"lumos-hosts-{RUN}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    ray.init(
+        address="local",
+        num_cpus=3,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def cfg(ray_cluster, tmp_path):
+    def make(**kw) -> ServeConfig:
+        base = dict(
+            namespace=NAMESPACE,
+            store_url=f"sqlite:///{tmp_path / 'lumos.db'}",
+            model="random:tiny",
+            workers=1,
+            worker_resources={"num_cpus": 1},
+            session_idle_s=60.0,
+            session_hosts=2,
+        )
+        base.update(kw)
+        return ServeConfig(**base)
+
+    return make
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def worker_load(client: LumosClient) -> dict:
+    (name,) = runtime.list_workers(NAMESPACE)
+    return await ray.get_actor(name, namespace=NAMESPACE).load.remote()
+
+
+# -- placement (pure) -----------------------------------------------------------------------------
+
+
+def test_placement_ranks_by_fill_then_kv_and_keeps_affinity():
+    def load(sessions, waiting=0, kv=0, capacity=4):
+        # `sessions` already includes `waiting` (Worker.load): ranking must not add it again
+        return {"sessions": sessions, "waiting": waiting, "kv_bytes": kv, "capacity": capacity}
+
+    loads = {"a": load(2, waiting=2), "b": load(3), "c": load(2, kv=10)}
+    assert rank(loads, "s") == ["a", "c", "b"]  # a: 2/4 (waiting not counted twice), kv 0
+    assert choose(loads, "s") == "a"
+    # capacity: a full worker ranks after every worker with room, whatever its numbers
+    loads = {"big": load(7, capacity=8), "full": load(1, capacity=1)}
+    assert rank(loads, "s") == ["big", "full"]
+    # affinity: the preferred worker keeps the session while it has room ...
+    loads = {"a": load(3), "b": load(0)}
+    assert choose(loads, "s", preferred="a") == "a"
+    # ... and loses it when it is full and another one has room, or when it is gone
+    loads = {"a": load(4), "b": load(0)}
+    assert choose(loads, "s", preferred="a") == "b"
+    assert choose({"b": load(1)}, "s", preferred="a") == "b"
+    full = {"a": load(4), "b": load(4)}
+    assert choose(full, "s", preferred="b") == "b"  # everyone full: stay where the cache is
+    assert choose({}, "s") is None
+    # ties spread over the workers by a hash of (session, worker)
+    even = {f"w{i}": load(0) for i in range(4)}
+    picks = {choose(even, f"session-{i}") for i in range(64)}
+    assert picks == set(even)
+
+
+# -- KV release, idle deactivation with an open subscriber ---------------------------------------
+
+
+def test_delete_and_deactivation_free_the_kv_cache_and_subscribers_do_not_pin(cfg):
+    async def body():
+        client = await LumosClient.start(cfg(session_idle_s=1.0))
+        try:
+            st, _ = await client.create_session("a coat", 2, steps=2, cfg_scale=2.0, seed=1)
+            sid = st["id"]
+            await collect(client.subscribe(sid))
+            cached = await worker_load(client)
+            assert cached["kv_bytes"] > 0 and cached["cached_sessions"] >= 1
+
+            # an open, following subscriber (a WebSocket) must not keep the grain active
+            live: list[dict] = []
+
+            async def follow():
+                async for frame in client.subscribe(sid, from_seq=2, follow=True):
+                    live.append(frame)
+
+            follower = asyncio.get_running_loop().create_task(follow())
+
+            async def deactivated():
+                return sid not in await client.host(sid).active.remote()
+
+            await wait_for(deactivated, timeout_s=20)
+            assert not follower.done()
+            freed = await worker_load(client)
+            assert freed["kv_bytes"] < cached["kv_bytes"]
+            assert freed["cached_sessions"] == cached["cached_sessions"] - 1
+
+            # the next call re-activates it from the store; the open subscriber gets the frames
+            await client.extend(sid, 2, "a coat turns")
+            assert not await deactivated()
+
+            async def two():
+                return len(live) >= 2
+
+            await wait_for(two, timeout_s=60)
+            assert [f["seq"] for f in live] == [2, 3]
+            assert (await client.state(sid))["status"] == "done"
+            before = await worker_load(client)
+            assert before["kv_bytes"] > 0
+            await client.delete_session(sid)  # frees the cache at once
+            after = await worker_load(client)
+            assert after["kv_bytes"] < before["kv_bytes"]
+            assert after["cached_sessions"] == before["cached_sessions"] - 1
+            await asyncio.wait_for(follower, 30)  # the subscriber ends: the session is gone
+            assert [f["seq"] for f in live] == [2, 3]
+        finally:
+            await client.close()
+
+    run(body())
+
+
+# -- one activation for two API processes ---------------------------------------------------------
+
+OTHER_API = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from lumos.cluster import LumosClient, ServeConfig
+
+    address, namespace, store, sid = sys.argv[1:5]
+
+    async def main():
+        cfg = ServeConfig(ray_address=address, namespace=namespace, store_url=store, workers=0)
+        client = await LumosClient.start(cfg)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        try:
+            await client.extend(sid, 3)
+            outcome = "extended"
+        except ValueError as e:
+            outcome = "refused: " + str(e)
+        frames = []
+        async for f in client.subscribe(sid):
+            frames.append([f["seq"], f["pixels"].hex()])
+        print(json.dumps({"outcome": outcome, "frames": frames}), flush=True)
+        await client.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster):
+    config = cfg()
+
+    async def body():
+        client = await LumosClient.start(config)
+        try:
+            st, _ = await client.create_session("a bag", 1, steps=2, cfg_scale=2.0, seed=2)
+            sid = st["id"]
+            await collect(client.subscribe(sid))
+            other = subprocess.Popen(
+                [sys.executable, "-c", OTHER_API, ray_cluster, NAMESPACE, config.store_url, sid],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert other.stdout.readline().strip() == "ready"
+                host = client.host(sid)
+                before = await host.stats.remote()
+                other.stdin.write("go\n")
+                other.stdin.flush()
+                try:
+                    await client.extend(sid, 3)
+                    mine = "extended"
+                except ValueError as e:
+                    mine = f"refused: {e}"
+                got = await collect(client.subscribe(sid))
+                out, _ = await asyncio.to_thread(other.communicate, timeout=120)
+            finally:
+                if other.poll() is None:
+                    other.kill()
+            theirs = json.loads(out.strip().splitlines()[-1])
+            outcomes = sorted([mine, theirs["outcome"]])
+            # one grain: exactly one extend starts the frames, the other sees it generating
+            assert outcomes[0] == "extended" and outcomes[1].startswith("refused"), outcomes
+            assert "already generating" in outcomes[1]
+            await assert_complete(client, sid, 4, got)
+            assert theirs["frames"] == [[f["seq"], f["pixels"].hex()] for f in got]
+            after = await host.stats.remote()
+            assert after["activations"] == before["activations"]  # still the same activation
+            assert shard_of(sid, 2) == after["index"]
+        finally:
+            await client.close()
+
+    run(body())
+
+
+# -- supervision ----------------------------------------------------------------------------------
+
+
+def test_worker_process_killed_is_restarted_and_the_generation_resumes(cfg):
+    config = cfg()
+
+    async def body():
+        client = await LumosClient.start(config)
+        try:
+            (name,) = runtime.list_workers(NAMESPACE)
+            info = await ray.get_actor(name, namespace=NAMESPACE).info.remote()
+            n = 10
+            st, _ = await client.create_session("a dress", n, steps=30, cfg_scale=2.0, seed=7)
+            sid = st["id"]
+            killed_at: list[float] = []
+            arrived: list[float] = []
+
+            async def kill_second(frame, got):
+                arrived.append(time.monotonic())
+                if len(got) == 2:
+                    os.kill(info["pid"], signal.SIGKILL)
+                    killed_at.append(time.monotonic())
+
+            got = await collect(client.subscribe(sid), kill_second)
+            assert killed_at
+            await assert_complete(client, sid, n, got)
+            resumed = arrived[2] - killed_at[0]  # kill -> the next frame, from the new process
+            assert got[2]["meta"]["worker"] == name
+
+            async def back():
+                return (await client.health())["status"] == "ok"
+
+            await wait_for(back, timeout_s=30)
+            new = await ray.get_actor(name, namespace=NAMESPACE).info.remote()
+            assert new["pid"] != info["pid"] and new["name"] == name  # restarted in place
+            print(f"worker killed: the next frame came {resumed:.1f} s later (restart + prefill)")
+        finally:
+            await client.close()
+
+    run(body())
+
+
+def test_session_host_killed_mid_session_loses_nothing(cfg):
+    config = cfg()
+
+    async def body():
+        client = await LumosClient.start(config)
+        try:
+            n = 8
+            st, _ = await client.create_session("a scarf", n, steps=30, cfg_scale=2.0, seed=9)
+            sid = st["id"]
+            before = await client.host(sid).stats.remote()
+            killed: list[int] = []
+
+            async def kill_host(frame, got):
+                if len(got) == 2:
+                    os.kill(before["pid"], signal.SIGKILL)
+                    killed.append(before["pid"])
+
+            got = await collect(client.subscribe(sid), kill_host)
+            assert killed
+            await assert_complete(client, sid, n, got)
+            after = await client.host(sid).stats.remote()
+            assert after["pid"] != before["pid"]  # a new host process re-activated the session
+            assert after["activations"] >= 1
+        finally:
+            await client.close()
+
+    run(body())
+
+
+# -- no live worker -------------------------------------------------------------------------------
+
+
+def test_no_live_worker_health_503_and_create_503(cfg):
+    lonely = cfg(namespace=f"{NAMESPACE}-empty", workers=0)
+
+    async def body():
+        client = await LumosClient.start(lonely)
+        try:
+            health = await client.health()
+            assert health["status"] == "unavailable" and "no live worker" in health["reason"]
+            with pytest.raises(NoWorkersError, match="no live worker"):
+                await client.create_session("a hat", 1)
+        finally:
+            await client.close()
+
+    run(body())
+    server = Server(lonely)
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        r = httpx.get(f"{url}/api/health", timeout=30)
+        assert r.status_code == 503 and "no live worker" in r.json()["reason"], r.text
+        r = httpx.post(
+            f"{url}/api/sessions", json={"prompt": "a hat", "frames": 1, "steps": 1}, timeout=30
+        )
+        assert r.status_code == 503 and "no live worker" in r.json()["error"], r.text
+    finally:
+        server.stop()
