@@ -363,8 +363,11 @@ def served_metric_names() -> set[str]:
         "step_seconds": 0.5,
         "cached_sessions": 2,
     }
-    m.cluster.update([{"name": "w", "alive": True, "load": load}], {"rate_limit": 1}, 0.0)
-    m.cluster.update([{"name": "w", "alive": True, "load": load}], {"rate_limit": 1}, 1.0)
+    hosts = [{"name": "h", "active": 2, "subscribed": 1, "rss_bytes": 9, "activations": 3}]
+    for now in (0.0, 1.0):
+        m.cluster.update(
+            [{"name": "w", "alive": True, "load": load}], {"rate_limit": 1}, now, hosts
+        )
     m.commit_to_browser.observe(0.01)
     m.http_requests.labels("GET", "200").inc()
     text = generate_latest(m.registry).decode()

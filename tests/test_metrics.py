@@ -185,8 +185,11 @@ def test_metrics_of_a_session_streamed_live(api):
     assert steps >= 4 * 2  # 4 frames x 2 steps (batched forwards)
     assert value(page, "lumos_diffusion_step_seconds_count", worker=name) == steps
     assert value(page, "lumos_diffusion_step_seconds_sum", worker=name) > 0
-    assert value(page, "lumos_sessions", state="active") == 0  # the session is done
-    assert value(page, "lumos_sessions", state="idle") >= 0
+    assert value(page, "lumos_sessions", state="active") == 0  # done: no admission held
+    grains = sum(v for k, v in page.items() if k[0] == "lumos_host_sessions")
+    assert grains >= 1  # still activated on its host (idle_s is 60 s here)
+    assert value(page, "lumos_sessions", state="idle") == grains
+    assert value(page, "lumos_metrics_source_errors_total", source="hosts") is None
     assert value(page, "lumos_queue_depth") == 0
     assert value(page, "lumos_kv_bytes") >= 0
     assert value(page, "lumos_frames_per_second") >= 0

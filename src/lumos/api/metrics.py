@@ -14,10 +14,13 @@ Two kinds of figures:
   while their WebSocket was open (a replay of stored frames measures nothing). The clocks are of
   different hosts, so hosts need synchronised clocks (NTP); negative differences count as 0.
 - read from the cluster at scrape time: `LumosClient.workers()` (each worker's info and its last
-  load, refreshed every few seconds by the client) and `app.state.refusals` ({reason: count},
-  kept by the admission code). Counters of a worker restart from 0 when the worker does;
-  Prometheus' rate() handles that. Every load key is read defensively: a figure a worker does not
-  report is left out rather than reported as 0.
+  load, refreshed every few seconds by the client), `LumosClient.hosts()` (each session host's
+  activated grains, subscribers, memory), the store's `active_count()` (sessions admitted:
+  queued or generating) and `app.state.refusals` ({reason: count}, kept by the API's admission
+  code). A source that fails or takes over SCRAPE_TIMEOUT_S is left out of that scrape and
+  counted in lumos_metrics_source_errors_total. Counters of a worker restart from 0 when the
+  worker does; Prometheus' rate() handles that. Every load key is read defensively: a figure a
+  worker does not report is left out rather than reported as 0.
 
 An operator may require `Authorization: Bearer <token>` on /metrics by setting
 LUMOS_METRICS_TOKEN in the API's environment (Prometheus: `authorization.credentials_file`).
@@ -25,8 +28,10 @@ LUMOS_METRICS_TOKEN in the API's environment (Prometheus: `authorization.credent
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
+import logging
 import os
 import time
 from collections import OrderedDict, deque
@@ -46,7 +51,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+log = logging.getLogger("lumos.metrics")
+
 TOKEN_ENV = "LUMOS_METRICS_TOKEN"
+SCRAPE_TIMEOUT_S = 5.0  # for each cluster figure read at scrape time
 OPENED_AT = "lumos.opened_at"  # ASGI scope key: wall clock when a WebSocket connected
 LOST_WORKER_TTL_S = 600.0  # a worker that vanished is reported down this long, then forgotten
 RATE_WINDOW_S = 60.0  # frames/s is measured over the scrapes of the last minute
@@ -77,14 +85,26 @@ class _ClusterCollector(Collector):
     def __init__(self) -> None:
         self.workers: list[dict[str, Any]] = []
         self.refusals: dict[str, Any] = {}
+        self.hosts: list[dict[str, Any]] | None = None
+        self.admitted: int | None = None
         self.last_seen: dict[str, float] = {}  # worker name -> wall clock last seen alive
         self.samples: deque[tuple[float, dict[str, float]]] = deque()  # (time, frames/worker)
 
     def describe(self) -> Iterable[Any]:
         return []  # the families depend on what the workers report
 
-    def update(self, workers: list[dict[str, Any]], refusals: dict[str, Any], now: float) -> None:
+    def update(
+        self,
+        workers: list[dict[str, Any]],
+        refusals: dict[str, Any],
+        now: float,
+        hosts: list[dict[str, Any]] | None = None,
+        admitted: int | None = None,
+    ) -> None:
+        """What the next collect() reports: worker infos with their load, refusals by reason,
+        the session hosts' stats and the store's count of admitted sessions (None: unknown)."""
         self.workers, self.refusals = workers, refusals
+        self.hosts, self.admitted = hosts, admitted
         for w in workers:
             if w.get("alive", True):
                 self.last_seen[str(w.get("name"))] = now
@@ -131,9 +151,9 @@ class _ClusterCollector(Collector):
                 "requests waiting for admission to the worker's engine",
                 ("waiting", "queue_depth"),
             ),
-            "lumos_worker_idle_sessions": (
-                "idle sessions whose KV cache the worker keeps warm",
-                ("idle_sessions",),
+            "lumos_worker_warm_sessions": (
+                "sessions not generating whose KV cache the worker keeps",
+                ("warm_sessions",),
             ),
             "lumos_worker_streams": ("open frame streams of the worker", ("streams",)),
             "lumos_worker_capacity": ("sessions the worker batches at most", ("capacity",)),
@@ -149,7 +169,7 @@ class _ClusterCollector(Collector):
             for name, w in sorted(alive.items()):
                 load = w.get("load") or {}
                 value = _num(load, *keys)
-                if value is None and metric == "lumos_worker_idle_sessions":
+                if value is None and metric == "lumos_worker_warm_sessions":
                     cached, active = _num(load, "cached_sessions"), _num(load, "sessions")
                     if cached is not None:
                         value = max(0.0, cached - (active or 0.0))
@@ -158,12 +178,50 @@ class _ClusterCollector(Collector):
                     totals[metric] = totals.get(metric, 0.0) + value
             yield family
 
+        # active: admitted (queued or generating) by the store, else what the workers run;
+        # idle: session grains activated on the hosts that are not active
+        active = totals.get("lumos_worker_sessions", 0.0)
+        if self.admitted is not None:
+            active = float(self.admitted)
         sessions = GaugeMetricFamily(
-            "lumos_sessions", "sessions by state, all workers", labels=["state"]
+            "lumos_sessions",
+            "sessions: active = queued or generating, idle = activated on a host, not active",
+            labels=["state"],
         )
-        sessions.add_metric(["active"], totals.get("lumos_worker_sessions", 0.0))
-        sessions.add_metric(["idle"], totals.get("lumos_worker_idle_sessions", 0.0))
+        sessions.add_metric(["active"], active)
+        grains = GaugeMetricFamily(
+            "lumos_host_sessions", "session grains activated on the host", labels=["host"]
+        )
+        subscribed = GaugeMetricFamily(
+            "lumos_host_subscribed",
+            "sessions with waiting subscribers on the host",
+            labels=["host"],
+        )
+        rss = GaugeMetricFamily("lumos_host_rss_bytes", "the host's memory", labels=["host"])
+        activations = CounterMetricFamily(
+            "lumos_host_activations", "session grain activations", labels=["host"]
+        )
+        deactivations = CounterMetricFamily(
+            "lumos_host_deactivations", "session grain deactivations", labels=["host"]
+        )
+        if self.hosts is not None:
+            held = 0.0
+            for host in sorted(self.hosts, key=lambda h: str(h.get("name"))):
+                name = str(host.get("name"))
+                for family, key in (
+                    (grains, "active"),
+                    (subscribed, "subscribed"),
+                    (rss, "rss_bytes"),
+                    (activations, "activations"),
+                    (deactivations, "deactivations"),
+                ):
+                    value = _num(host, key)
+                    if value is not None:
+                        family.add_metric([name], value)
+                held += _num(host, "active") or 0.0
+            sessions.add_metric(["idle"], max(0.0, held - active))
         yield sessions
+        yield from (grains, subscribed, rss, activations, deactivations)
         yield GaugeMetricFamily(
             "lumos_queue_depth",
             "requests waiting for admission, all workers",
@@ -253,6 +311,12 @@ class Metrics:
             buckets=TTFF_BUCKETS,
             registry=r,
         )
+        self.scrape_errors = Counter(
+            "lumos_metrics_source_errors",
+            "cluster figures that could not be read for a scrape, by source",
+            ["source"],
+            registry=r,
+        )
         self.cluster = _ClusterCollector()
         r.register(self.cluster)
         self._first_seen: OrderedDict[str, None] = OrderedDict()
@@ -288,9 +352,33 @@ class Metrics:
             if inspect.isawaitable(found):
                 found = await found
             workers = [dict(w) for w in found or []]
+        hosts = await self._optional(client, "hosts")
+        admitted = await self._optional(getattr(client, "store", None), "active_count")
         refusals = getattr(app.state, "refusals", None)
-        self.cluster.update(workers, dict(refusals or {}), time.time())
+        self.cluster.update(
+            workers,
+            dict(refusals or {}),
+            time.time(),
+            hosts=[dict(h) for h in hosts] if isinstance(hosts, list) else None,
+            admitted=admitted if isinstance(admitted, int) else None,
+        )
         return generate_latest(self.registry)
+
+    async def _optional(self, obj: Any, method: str) -> Any:
+        """obj.method() if it exists, within SCRAPE_TIMEOUT_S; None (and a counted error) if it
+        fails, so /metrics always answers."""
+        fn = getattr(obj, method, None)
+        if not callable(fn):
+            return None
+        try:
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, SCRAPE_TIMEOUT_S)
+            return result
+        except Exception as e:
+            log.warning("metrics: %s() failed: %r", method, e)
+            self.scrape_errors.labels(method).inc()
+            return None
 
 
 class _Middleware:
