@@ -30,12 +30,35 @@ function rich(text) {
   return out;
 }
 
+// A small Markdown subset (what the schema's descriptions use): paragraphs, #-headings,
+// "- " lists, pipe tables and `code`; everything else is plain text.
 function paragraphs(text) {
   const box = document.createDocumentFragment();
   for (const block of String(text || "").split(/\n\s*\n/)) {
-    if (block.trim()) box.append(el("p", {}, rich(block.replace(/\s*\n\s*/g, " ").trim())));
+    const lines = block.split("\n").map((l) => l.trim()).filter((l) => l);
+    if (!lines.length) continue;
+    const heading = /^(#{1,6})\s+(.*)$/.exec(lines[0]);
+    if (heading && lines.length === 1) {
+      box.append(el(`h${Math.min(6, heading[1].length + 1)}`, {}, rich(heading[2])));
+    } else if (lines.every((l) => l.startsWith("|"))) {
+      box.append(table(lines));
+    } else if (lines.every((l) => /^[-*]\s/.test(l))) {
+      box.append(el("ul", {}, ...lines.map((l) => el("li", {}, rich(l.slice(2))))));
+    } else {
+      box.append(el("p", {}, rich(lines.join(" "))));
+    }
   }
   return box;
+}
+
+function table(lines) {
+  const cells = (line) => line.replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+  const rows = lines.filter((l) => !/^\|[\s|:-]+\|?$/.test(l)).map(cells);
+  const out = el("table", { class: "md" });
+  rows.forEach((row, i) => {
+    out.append(el("tr", {}, ...row.map((c) => el(i === 0 ? "th" : "td", {}, rich(c)))));
+  });
+  return out;
 }
 
 function refName(ref) {
