@@ -193,32 +193,57 @@ def get_actor(name: str, namespace: str):
         return None
 
 
-def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | None = None):
-    """Get or create `count` (default cfg.workers) detached worker actors on this host."""
+def start_workers(
+    namespace: str,
+    count: int,
+    resources: dict[str, Any],
+    *,
+    host: str | None = None,
+    node_id: str | None = None,
+    **worker_kwargs: Any,
+) -> list:
+    """Get or create `count` detached, supervised worker actors "worker-<host>-<i>".
+
+    resources: Ray actor options (num_cpus, num_gpus, resources={"lumos_gpu": 1}, ...);
+    node_id pins them to that node (`lumos worker`). max_restarts=-1: Ray restarts a worker
+    whose process dies (on its node); its sessions resume from their stored frames.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from lumos.cluster.worker import WorkerActor
 
-    count = cfg.workers if count is None else count
+    options: dict[str, Any] = dict(resources)
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
     handles = []
     for i in range(count):
         name = worker_name(i, host)
         handles.append(
             WorkerActor.options(
                 name=name,
-                namespace=cfg.namespace,
+                namespace=namespace,
                 lifetime="detached",
                 get_if_exists=True,
-                max_restarts=-1,  # supervised: Ray restarts a dead worker process
-                **cfg.resources(),
-            ).remote(
-                model=cfg.model,
-                name=name,
-                max_batch=cfg.max_batch,
-                kv_budget_bytes=cfg.kv_budget_bytes,
-                batching=cfg.batching,
-                dtype=cfg.dtype,
-            )
+                max_restarts=-1,
+                **options,
+            ).remote(name=name, **worker_kwargs)
         )
     return handles
+
+
+def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | None = None):
+    """Get or create `count` (default cfg.workers) worker actors for cfg (see start_workers)."""
+    return start_workers(
+        cfg.namespace,
+        cfg.workers if count is None else count,
+        cfg.resources(),
+        host=host,
+        model=cfg.model,
+        max_batch=cfg.max_batch,
+        kv_budget_bytes=cfg.kv_budget_bytes,
+        batching=cfg.batching,
+        dtype=cfg.dtype,
+    )
 
 
 # -- sessions -------------------------------------------------------------------------------------

@@ -119,40 +119,25 @@ def worker_main(argv: list[str] | None = None) -> int:
                 raise ValueError
         except ValueError:
             p.error(f"--resources must be a JSON object of positive numbers, got {a.resources!r}")
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from lumos.cluster.worker import WorkerActor
-
     gpus = _gpu_count() if a.gpus is None else a.gpus
     count, resources = (gpus, {"num_gpus": 1}) if gpus > 0 else (1, {"num_cpus": 1})
-    if custom is not None:
-        resources = (
-            {"num_cpus": 0, "resources": custom}
-            if gpus == 0
-            else {**resources, "resources": custom}
-        )
+    if custom is not None:  # the custom resource stands for the device
+        resources = {**resources, "resources": custom}
+        if gpus == 0:
+            resources["num_cpus"] = 0
     ray.init(address=a.ray_address, namespace=a.namespace)
     node = ray.get_runtime_context().get_node_id()
-    handles = []
-    for i in range(count):
-        name = runtime.worker_name(i)
-        handles.append(
-            WorkerActor.options(
-                name=name,
-                namespace=a.namespace,
-                lifetime="detached",
-                get_if_exists=True,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                max_restarts=-1,  # supervised: Ray restarts a dead worker process on this node
-                **resources,
-            ).remote(
-                model=a.model,
-                name=name,
-                max_batch=a.max_batch,
-                kv_budget_bytes=a.kv_budget_bytes,
-                dtype=a.dtype,
-            )
-        )
+    handles = runtime.start_workers(
+        a.namespace,
+        count,
+        resources,
+        host=f"{runtime.hostname()}-{node[:8]}",  # unique per node, also for nodes on one machine
+        node_id=node,
+        model=a.model,
+        max_batch=a.max_batch,
+        kv_budget_bytes=a.kv_budget_bytes,
+        dtype=a.dtype,
+    )
     for info in ray.get([h.info.remote() for h in handles]):
         print(f"lumos worker: {info['name']} ready on {info['device']} ({info['model']})")
     sys.stdout.flush()
