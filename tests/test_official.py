@@ -231,3 +231,17 @@ def test_cli_refuses_an_empty_prompt_and_a_missing_tokenizer(release, tmp_path):
     lone = write_checkpoint(tmp_path / "alone", HF_CONFIG, release_state(HF_CONFIG))
     with pytest.raises(SystemExit, match="no Cosmos-Tokenizer-DV4x8x8 folder"):
         main(["generate", PROMPT, "--model", str(lone), "-o", str(tmp_path / "x.mp4")])
+
+
+def test_auto_dtype_is_decided_by_measurement_on_cpu():
+    from lumos.devices import bf16_is_faster, cpu_has_fast_bf16, resolve_dtype
+
+    shape = (16, 32, 32)
+    auto = resolve_dtype("auto", "cpu", shape)
+    if not cpu_has_fast_bf16():  # emulated bf16 is never chosen
+        assert auto == torch.float32
+    else:  # hardware bf16: chosen only where it measured faster at the model's shape
+        assert auto == (torch.bfloat16 if bf16_is_faster(*shape) else torch.float32)
+    assert resolve_dtype("auto", "cuda", shape) == torch.bfloat16
+    assert resolve_dtype("float32", "cpu", shape) == torch.float32
+    assert isinstance(bf16_is_faster(8, 16, 16, repeats=1), bool)
