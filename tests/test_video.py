@@ -126,3 +126,22 @@ def test_errors(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"junk")
     with pytest.raises(ValueError):
         read_video(tmp_path / "junk.mp4")
+
+
+def test_decode_image_resizes_like_read_image(tmp_path):
+    import io as _io
+
+    from lumos.video import decode_image, read_image
+
+    rng = np.random.default_rng(0)
+    pic = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    path = tmp_path / "pic.png"
+    pic.save(path)
+    buf = _io.BytesIO()
+    pic.save(buf, format="PNG")
+    got = decode_image(buf.getvalue(), (64, 64))
+    assert got.shape == (64, 64, 3) and np.array_equal(got, read_image(path, size=(64, 64)))
+    with pytest.raises(ValueError, match="could not be decoded"):
+        decode_image(b"not an image", (64, 64))
+    with pytest.raises(ValueError, match="non-empty bytes"):
+        decode_image(b"", (64, 64))

@@ -230,7 +230,6 @@ class Layout:
         self._row, self._col = i // (w + 1), i % (w + 1)
         self._content_is_code = self._col < w  # [L_f]
         self.code_offsets = torch.nonzero(self._content_is_code).squeeze(1) + 3  # [h*w]
-        self.content_newline_mask = ~self._content_is_code
 
     # -- building blocks ------------------------------------------------------------------------
     def prefix(

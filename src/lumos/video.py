@@ -310,6 +310,20 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
         raise ValueError(f"cannot decode image {path}") from e
 
 
+def decode_image(data: bytes, size: Size | None = None) -> np.ndarray:
+    """PNG/JPEG/... bytes -> ``uint8 [H, W, 3]``, resized and centre-cropped like
+    :func:`read_image`: the one resize rule for an image-to-video first frame (CLI, API and
+    workers give the same pixels, hence the same codes, for the same picture)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not data:
+        raise ValueError("image data must be non-empty bytes")
+    hw = _norm_size(size)
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            return _resize_center_crop(im, hw).copy()
+    except (Image.UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image could not be decoded: {e}") from None
+
+
 def _decoded_frames(path: Path) -> Iterator[tuple[float, float | None, Any]]:
     """Yield ``(time_s, duration_s or None, av.VideoFrame)`` for the first video stream."""
     import av
