@@ -32,7 +32,6 @@ torch is imported inside the actor only: the API process imports this module to 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import threading
 import time
@@ -327,19 +326,11 @@ class Worker:
 
     def _encode_image(self, png: bytes) -> dict:
         import torch
-        from PIL import Image, ImageOps
 
-        from lumos.video import encode_png
+        from lumos.video import decode_image, encode_png
 
         s = self.pipe.settings
-        try:
-            with Image.open(io.BytesIO(png)) as im:
-                image = ImageOps.fit(
-                    im.convert("RGB"), (s.width, s.height), Image.Resampling.BICUBIC
-                )
-        except Exception as e:
-            raise ValueError(f"image could not be decoded: {e}") from None
-        arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+        arr = decode_image(png, (s.height, s.width))  # [H, W, 3], the CLI's resize rule
         codes = self.pipe.encode_image(torch.from_numpy(arr.copy()))  # [1, h, w]
         return {
             "codes": codes[0].numpy().astype(np.int32),
