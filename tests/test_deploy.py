@@ -76,6 +76,9 @@ def parse_ray(argv: list[str]) -> None:
 def shell_commands(text: str) -> list[list[str]]:
     """The simple commands of a shell line (split at && || ; & | and newlines), variables
     expanded from ENV, a leading `exec` dropped."""
+    text = re.sub(  # bash's ${NAME/pattern/replacement}
+        r"\$\{(\w+)/([^/}]*)/([^}]*)\}", lambda m: ENV[m[1]].replace(m[2], m[3]), text
+    )
     for name, value in ENV.items():
         text = text.replace(f'"${name}"', value).replace(f"${name}", value)
     text = re.sub(r"\d*>&\d+|\d*>>?\s*\S+", " ", text)  # redirections
@@ -310,7 +313,11 @@ def test_raycluster_has_a_gpu_worker_group_running_lumos_worker():
         == f"{cluster['metadata']['name']}-head-svc.lumos.svc.cluster.local:{gcs}"
     )
     assert env["RAY_ADDRESS"] == ENV["RAY_ADDRESS"]
-    lumos_cmds = [w for w in commands_in(worker_c) if check_command(w) == "lumos"]
+    cmds = commands_in(worker_c)
+    starts = [w for w in cmds if w[:2] == ["ray", "start"]]
+    assert len(starts) == 1 and "--block" not in starts[0]  # returns once the node is up
+    assert cmds.index(starts[0]) < next(i for i, w in enumerate(cmds) if w[0] == "lumos")
+    lumos_cmds = [w for w in cmds if check_command(w) == "lumos"]
     assert lumos_cmds == [["lumos", "worker", "--ray-address", env["RAY_ADDRESS"], "--gpus", "1"]]
     assert worker_c["image"].endswith(":cuda") and head_c["image"].startswith("lumos:")
 
