@@ -56,6 +56,11 @@ def test_each_app_has_its_own_registry():
     assert value(page_b, "lumos_http_requests_total", method="GET", status="200") is None
     assert value(page_a, "lumos_workers", state="alive") == 0  # no client: no workers
     assert a.get("/metrics").headers["content-type"].startswith("text/plain")
+    for i in range(5):  # made-up methods share one label value (no unbounded series)
+        a.request(f"BREW{i}", "/api/config")
+    page_a = samples(a.get("/metrics").text)
+    methods = {dict(k[1])["method"] for k in page_a if k[0] == "lumos_http_requests_total"}
+    assert methods == {"GET", "other"}
 
 
 def test_refusals_are_exported_by_reason():
