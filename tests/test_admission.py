@@ -22,7 +22,8 @@ import redis
 import torch
 
 import serving
-from lumos.cluster.limits import Limits
+from lumos.api.ratelimit import RateLimiter, retry_after
+from lumos.cluster.limits import InvalidRequest, Limits, TooLarge
 
 torch.set_num_threads(1)
 
@@ -69,6 +70,69 @@ def served(request, base_cfg):
     server = serving.Server(cfg)
     yield server, cfg
     server.stop()
+
+
+# -- the parts, without a server -----------------------------------------------------------
+
+
+def test_token_bucket_burst_refill_and_memory_bound():
+    now = [100.0]
+    limiter = RateLimiter(2.0, 3, max_keys=2, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert limiter.take("a") == pytest.approx(0.5)  # empty: one token in 1 / rate seconds
+    assert retry_after(0.5) == 1 and retry_after(2.01) == 3
+    assert limiter.take("b") == 0.0  # another key has its own bucket
+    now[0] += 0.5
+    assert limiter.take("a") == 0.0  # refilled one token
+    assert limiter.take("a") > 0
+    now[0] += 60
+    assert [limiter.take("a") for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # refills to burst only
+    limiter.take("c")
+    assert len(limiter) == 2  # least recently used bucket dropped
+    off = RateLimiter(0, 1)
+    assert all(off.take("x") == 0.0 for _ in range(100))
+    with pytest.raises(ValueError):
+        RateLimiter(-1, 1)
+
+
+def test_limits_are_validated_and_give_one_message_per_field():
+    for bad in (
+        dict(max_sessions=0),
+        dict(rate_burst=0),
+        dict(rate_per_s=-1.0),
+        dict(steps=(0, 5)),
+        dict(cfg=(3.0, 1.0)),
+        dict(max_sessions_per_owner=True),
+    ):
+        with pytest.raises(ValueError, match="limits\\."):
+            Limits(**bad)
+    limits = Limits(max_prompt_chars=10, max_frames_per_session=8, max_image_bytes=100)
+    assert limits.check_prompt("  a cat  ") == "a cat"
+    assert limits.check_prompt("   ", required=False) is None
+    for call, words in (
+        (lambda: limits.check_prompt("x" * 11), "11 characters long; the limit is 10"),
+        (lambda: limits.check_prompt("a \ud800"), "not valid Unicode"),
+        (lambda: limits.check_prompt("a\x00b"), "NUL"),
+        (lambda: limits.check_prompt(" "), "must not be empty"),
+        (lambda: limits.check_frames(0), "between 1 and 64"),
+        (lambda: limits.check_frames(True), "must be an integer"),
+        (lambda: limits.check_frames(5, have=4), "at most 8 frames; it has 4"),
+        (lambda: limits.check_sampler(0, None, None), "steps must be an integer between 1"),
+        (lambda: limits.check_sampler(None, float("nan"), None), "cfg_scale"),
+        (lambda: limits.check_sampler(None, None, 2**63), "seed"),
+        (lambda: limits.check_image(b"GIF89a"), "not a decodable PNG or JPEG"),
+    ):
+        with pytest.raises(InvalidRequest, match=words):
+            call()
+    with pytest.raises(TooLarge, match="the limit is 100 bytes"):
+        limits.check_image(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    admission = limits.admission()
+    assert (admission.max_active, admission.max_active_per_owner) == (32, 8)
+    published = limits.as_dict()
+    assert published["max_steps"] == 100 and "steps" not in published
+
+
+# -- the real stack -------------------------------------------------------------------------
 
 
 async def _post_all(url: str, bodies: list[tuple[dict, dict]]) -> list[httpx.Response]:

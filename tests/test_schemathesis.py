@@ -45,3 +45,36 @@ def test_schemathesis_finds_no_failure(server):
         f"{f.get('reproduce', '')}"
         for f in out["failures"]
     )
+
+
+def test_the_harness_reports_a_server_error_and_a_wrong_schema():
+    """fuzzing.run on a tiny app with a 500 and an undocumented reply: both are reported."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI, HTTPException
+
+    app = FastAPI()
+
+    @app.get("/api/boom")
+    async def boom(x: int) -> dict:
+        if x > 5:
+            raise RuntimeError("boom")  # a 500
+        if x < -5:
+            raise HTTPException(418, "teapot")  # not in the schema
+        return {"x": x}
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        out = fuzzing.run(f"http://127.0.0.1:{port}", 15).as_dict()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    kinds = {f["kind"] for f in out["failures"]}
+    assert "ServerError" in kinds and "UndefinedStatusCode" in kinds, out["failures"]

@@ -46,7 +46,7 @@ class Limits:
 
     max_prompt_chars: int = 500
     max_frames_per_request: int = 64  # latent frames (= stored frame records) per call
-    max_frames_per_session: int = 256
+    max_frames_per_session: int | None = None  # a per-session quota (None: unbounded)
     max_image_bytes: int = 4 << 20
     max_image_side: int = 4096
     steps: tuple[int, int] = (1, 100)
@@ -73,10 +73,10 @@ class Limits:
             elif f.name in ("rate_per_s", "owner_rate_per_s"):
                 if not (math.isfinite(value) and value >= 0):
                     raise ValueError(f"limits.{f.name} must be >= 0, got {value}")
+            elif f.name == "max_frames_per_session" and value is None:
+                continue
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"limits.{f.name} must be an integer >= 1, got {value!r}")
-        if self.max_frames_per_request > self.max_frames_per_session:
-            raise ValueError("limits.max_frames_per_request must be <= max_frames_per_session")
 
     def as_dict(self) -> dict[str, Any]:
         """The limits as JSON (what `GET /api/config` publishes)."""
@@ -129,7 +129,7 @@ class Limits:
                 f"frames must be between 1 and {self.max_frames_per_request} per request, "
                 f"got {frames}"
             )
-        if have + frames > self.max_frames_per_session:
+        if self.max_frames_per_session is not None and have + frames > self.max_frames_per_session:
             raise InvalidRequest(
                 f"a session holds at most {self.max_frames_per_session} frames; it has {have} "
                 f"and {frames} more were requested (at most "
@@ -163,7 +163,7 @@ class Limits:
         if len(data) > self.max_image_bytes:
             raise TooLarge(f"image is {len(data)} bytes; the limit is {self.max_image_bytes} bytes")
         if not (data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC)):
-            raise InvalidRequest("image is not a PNG or JPEG file")
+            raise InvalidRequest("image is not a decodable PNG or JPEG file (wrong first bytes)")
         from PIL import Image
 
         try:
