@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,9 @@ def _gpu_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         return 0
+
+
+RESOLUTION_HELP = "WIDTHxHEIGHT of the model (default: the folder's; official: 448x256 or 672x384)"
 
 
 def build_config(argv: list[str] | None = None) -> ServeConfig:
@@ -66,6 +70,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
         choices=DTYPE_CHOICES,
         help="inference dtype (auto: bfloat16 on GPUs and bf16 CPUs: AVX512-BF16, AMX)",
     )
+    p.add_argument("--resolution", default=None, help=RESOLUTION_HELP)
     a = p.parse_args(argv)
     workers = a.workers if a.workers is not None else max(1, _gpu_count())
     kwargs = {}
@@ -82,6 +87,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
             session_idle_s=a.session_idle_s,
             session_hosts=a.session_hosts,
             dtype=a.dtype,
+            resolution=a.resolution,
             host=a.host,
             port=a.port,
             **kwargs,
@@ -102,6 +108,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--kv-budget-bytes", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--resolution", default=None, help=RESOLUTION_HELP)
     p.add_argument(
         "--resources",
         default=None,
@@ -127,16 +134,21 @@ def worker_main(argv: list[str] | None = None) -> int:
             resources["num_cpus"] = 0
     ray.init(address=a.ray_address, namespace=a.namespace)
     node = ray.get_runtime_context().get_node_id()
+    if custom is None:  # this host's GPUs: pinned to the node this command runs on
+        host, pin = f"{runtime.hostname()}-{node[:8]}", node
+    else:  # placed by Ray on a node that advertises the resource (several nodes per machine)
+        host, pin = f"{runtime.hostname()}-{os.getpid()}", None
     handles = runtime.start_workers(
         a.namespace,
         count,
         resources,
-        host=f"{runtime.hostname()}-{node[:8]}",  # unique per node, also for nodes on one machine
-        node_id=node,
+        host=host,
+        node_id=pin,
         model=a.model,
         max_batch=a.max_batch,
         kv_budget_bytes=a.kv_budget_bytes,
         dtype=a.dtype,
+        resolution=a.resolution,
     )
     for info in ray.get([h.info.remote() for h in handles]):
         print(f"lumos worker: {info['name']} ready on {info['device']} ({info['model']})")
