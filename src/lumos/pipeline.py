@@ -86,11 +86,11 @@ class Pipeline:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but this PyTorch build sees no GPU")
-        dtype = resolve_dtype(dtype, device)
         if (folder / "pipeline.json").is_file():
             settings = PipelineSettings.from_dict(
                 json.loads((folder / "pipeline.json").read_text())
             )
+            dtype = _inference_dtype(dtype, device, folder / "model", settings)
             model, _ = load_model(folder / "model", device=device, dtype=dtype)
             visual = load_visual_tokenizer(tokenizer or folder / "tokenizer", device=device)
             text = TextTokenizer.from_file(folder / "text_tokenizer.json")
@@ -100,10 +100,11 @@ class Pipeline:
             if not text_file.is_file():
                 raise FileNotFoundError(f"no text_tokenizer.json in {folder}")
             tok_dir = Path(tokenizer) if tokenizer else _find_cosmos(folder)
+            settings = PipelineSettings.official()
+            dtype = _inference_dtype(dtype, device, folder, settings)
             model, _ = load_model(folder, device=device, dtype=dtype)
             visual = load_visual_tokenizer(tok_dir, device=device)
             text = TextTokenizer.from_file(text_file)
-            settings = PipelineSettings.official()
         pipe = cls(model, visual, text, settings)
         return pipe.at_resolution(resolution) if resolution else pipe
 
@@ -166,12 +167,22 @@ class Pipeline:
             top_p=s.top_p,
             top_k=s.top_k,
             temperature=s.temperature,
+            window=self.context_window(),
+            window_stride=min(s.window_stride, self.context_window()),
         )
 
+    def context_window(self) -> int:
+        """Latent frames the KV cache holds besides the prompt (pipeline.json `window`; default:
+        the folder's default clip in latent frames minus one)."""
+        s = self.settings
+        return s.window if s.window is not None else max(1, self.visual.latent_frames(s.frames) - 1)
+
     def set_sampling(self, **overrides: float | int | None) -> None:
-        """Override the folder's `temperature` / `top_p` / `top_k` / `tau0` / `history_mask`
-        (None keeps a value); ValueError names a bad value, and then nothing is changed."""
-        unknown = set(overrides) - {"temperature", "top_p", "top_k", "tau0", "history_mask"}
+        """Override the folder's `temperature` / `top_p` / `top_k` / `tau0` / `history_mask` /
+        `window` / `window_stride` (None keeps a value); ValueError names a bad value, and then
+        nothing is changed."""
+        names = {"temperature", "top_p", "top_k", "tau0", "history_mask", "window", "window_stride"}
+        unknown = set(overrides) - names
         if unknown:
             raise TypeError(f"not sampling settings: {sorted(unknown)}")
         new = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -183,8 +194,9 @@ class Pipeline:
             raise
 
     def latent_frames(self, rgb_frames: int) -> int:
-        if not 1 <= rgb_frames <= self.settings.max_frames:
-            raise ValueError(f"frames must be in [1, {self.settings.max_frames}], got {rgb_frames}")
+        cap = self.settings.max_frames
+        if rgb_frames < 1 or (cap is not None and rgb_frames > cap):
+            raise ValueError(f"frames must be in [1, {cap or 'any'}] RGB frames, got {rgb_frames}")
         return self.visual.latent_frames(rgb_frames)
 
     def encode_image(self, image: Tensor) -> Tensor:
@@ -248,6 +260,22 @@ class Pipeline:
         n = max(1, -(-frames // self.visual.temporal))
         total = self.visual.rgb_frames(codes.shape[0] + n)
         return self.generate_codes(prompt, n, given=codes, rgb_frames=total, **kw)
+
+
+def _inference_dtype(
+    dtype: torch.dtype | str | None, device: str, model_dir: Path, settings: PipelineSettings
+) -> torch.dtype:
+    """resolve_dtype at the model's per-step matmul shape: the frame block's rows for both CFG
+    streams through the MLP's first projection."""
+    raw = read_config(model_dir)
+    m = raw.get("model", raw)  # ours nests the ModelConfig; Chameleon's is flat
+    dim = int(m.get("dim", m.get("hidden_size", 0)) or 0)
+    ffn = int(m.get("ffn_dim", m.get("intermediate_size", 0)) or 0)
+    if not dim or not ffn:
+        return resolve_dtype(dtype, device)
+    h, w = settings.height // 8, settings.width // 8  # the latent grid (8x tokenizers)
+    rows = 2 * (h * (w + 1) + 4)  # one frame block per CFG stream
+    return resolve_dtype(dtype, device, (rows, dim, ffn))
 
 
 def _find_cosmos(folder: Path) -> Path:

@@ -9,7 +9,8 @@ the only place that derives them from the RGB frame count of a request:
   clip length rounded to whole seconds (at least 1); fps = the folder's fps;
 - F = fps x duration for the official checkpoints (`prompt_frames: "fps_x_duration"`: 24 for
   12 fps x 2 s, what they were trained with), else the RGB frame count (`"rgb"`, our models);
-- an image (text-to-image) is a one-frame video with duration = fps = 1.
+- an image (text-to-image: a clip of one RGB frame) is a one-frame video with duration = fps = 1,
+  sampled with `cfg_image`.
 """
 
 from __future__ import annotations
@@ -65,14 +66,21 @@ class PipelineSettings:
     template: bool = False  # wrap captions in the official text template
     prompt_frames: PromptFrames = "rgb"  # what F of the template counts (see the module doc)
     duration: int | None = None  # the duration token trained with (None: from the length asked)
-    max_frames: int = 64  # RGB frames one call may ask for
+    max_frames: int | None = None  # RGB frames one call may ask for (None: no cap)
+    # rolling context (docs/LONG_VIDEO.md): latent frames the KV cache holds besides the prompt
+    # (None: the default clip's latent frames minus one, the length trained on) and how many
+    # frames it slides at a time (each slide rebuilds the cache by one prefill)
+    window: int | None = None
+    window_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.prompt_frames not in ("rgb", "fps_x_duration"):
             raise ValueError(
                 f"prompt_frames must be 'rgb' or 'fps_x_duration', got {self.prompt_frames!r}"
             )
-        for name in ("height", "width", "frames", "fps", "steps", "max_frames"):
+        for name in ("height", "width", "frames", "fps", "steps", "max_frames", "window"):
+            if name in ("max_frames", "window") and getattr(self, name) is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.duration is not None and (not isinstance(self.duration, int) or self.duration < 1):
@@ -102,7 +110,6 @@ class PipelineSettings:
             cfg_image=16.0,
             template=True,
             prompt_frames="fps_x_duration",
-            max_frames=121,
         )
 
     def to_dict(self) -> dict:
@@ -114,11 +121,12 @@ class PipelineSettings:
         return replace(self, height=height, width=width)
 
     def conditioning(self, rgb_frames: int, image: bool = False) -> Conditioning:
-        """(F, duration, fps) of the prompt prefix for a clip of `rgb_frames` RGB frames."""
-        if image:
-            return Conditioning(1, 1, 1)
+        """(F, duration, fps) of the prompt prefix for a clip of `rgb_frames` RGB frames (one
+        frame is an image)."""
         if rgb_frames < 1:
             raise ValueError(f"a clip has at least 1 RGB frame, got {rgb_frames}")
+        if image or rgb_frames == 1:
+            return Conditioning(1, 1, 1)
         duration = self.duration or max(1, round(rgb_frames / self.fps))
         text_frames = self.fps * duration if self.prompt_frames == "fps_x_duration" else rgb_frames
         return Conditioning(text_frames, duration, self.fps)

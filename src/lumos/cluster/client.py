@@ -35,6 +35,7 @@ from lumos.cluster.host import get_host, shard_of
 from lumos.cluster.placement import worker_load
 from lumos.cluster.runtime import ACTOR_GONE_ERRORS, ServeConfig
 from lumos.cluster.session import frame_dict, state_dict
+from lumos.settings import PipelineSettings
 from lumos.store import (
     ACTIVE_STATUSES,
     AdmissionRefused,
@@ -283,15 +284,22 @@ class LumosClient:
             raise ValueError("owner must be a string")
         model = await self._model_info()
 
-        fps, temporal = int(model["fps"]), int(model["temporal"])
+        temporal = int(model["temporal"])
         total = have + frames
-        rgb = 1 + temporal * (total - 1)
+        rgb = 1 + temporal * (total - 1)  # the clip's RGB length, which the prompt prefix states
+        defaults = PipelineSettings.from_dict(model["settings"])
+        cond = defaults.conditioning(rgb)  # the one rule (one RGB frame: an image)
         settings = {
             "steps": int(steps if steps is not None else model["steps"]),
-            "cfg": float(cfg_scale if cfg_scale is not None else model["cfg"]),
+            "cfg": float(
+                cfg_scale
+                if cfg_scale is not None
+                else (defaults.cfg_image if rgb == 1 else defaults.cfg_video)
+            ),
             "seed": int(seed if seed is not None else secrets.randbelow(2**31)),
-            "fps": fps,
-            "duration": int(model.get("duration") or max(1, round(rgb / fps))),
+            "fps": cond.fps,
+            "duration": cond.duration,
+            "text_frames": cond.text_frames,
             "source": "image" if image_png is not None else "text",
             "target": 0,
             "height": int(model["height"]),

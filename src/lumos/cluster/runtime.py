@@ -20,6 +20,7 @@ import ray.exceptions
 
 from lumos.cluster.limits import Limits
 from lumos.devices import DTYPE_CHOICES
+from lumos.settings import parse_resolution
 
 WORKER_PREFIX = "worker-"
 HOST_PREFIX = "host-"
@@ -58,6 +59,7 @@ class ServeConfig:
     kv_budget_bytes: int | None = None
     batching: bool = True  # False: one forward per session per step (the benchmark's reference)
     dtype: str = "auto"  # the workers' inference dtype: auto | float32 | bfloat16
+    resolution: str | None = None  # "WIDTHxHEIGHT" for the workers' model (None: the folder's)
     session_idle_s: float = 300.0
     # session hosts (silos) of the cluster, fixed when its first API process starts (host 0
     # records it); None: one per alive Ray node then
@@ -75,6 +77,8 @@ class ServeConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.resolution is not None:
+            parse_resolution(self.resolution)  # a clear error here, not in every worker
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.session_hosts is not None and self.session_hosts < 1:
@@ -243,6 +247,7 @@ def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | 
         kv_budget_bytes=cfg.kv_budget_bytes,
         batching=cfg.batching,
         dtype=cfg.dtype,
+        resolution=cfg.resolution,
     )
 
 

@@ -252,6 +252,7 @@ class Session:
             "cfg": float(s["cfg"]),
             "duration": int(s.get("duration", 1)),
             "fps": int(s.get("fps", 8)),
+            "text_frames": s.get("text_frames"),
             "seed": derive_seed(int(s.get("seed", 0)), n),
         }
 

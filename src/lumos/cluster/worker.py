@@ -18,7 +18,7 @@ A request is a plain dict (what `SessionActor` sends):
     given        np.int32 [t0, h, w] | None  every committed frame of the session
     n_frames     int              frames to generate now
     steps, cfg   sampler settings
-    duration, fps                 the video-length conditioning of the prompt prefix
+    duration, fps, text_frames    the video-length conditioning of the prompt prefix
     seed         int              the request's generator seed (see runtime.derive_seed)
 
 Every yielded item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the latent frame's RGB
@@ -81,6 +81,7 @@ class Worker:
         threads: int | None = None,
         batching: bool = True,
         dtype: str = "auto",
+        resolution: str | None = None,
     ) -> None:
         import torch
 
@@ -95,7 +96,9 @@ class Worker:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.name = name or f"worker-{hostname()}-{os.getpid()}"
         self.model_name = "bundled" if model is None else str(model)
-        self.pipe = Pipeline.from_folder(model, device=self.device, dtype=dtype)
+        self.pipe = Pipeline.from_folder(
+            model, device=self.device, dtype=dtype, resolution=resolution
+        )
         self.batching = bool(batching)
         self.max_batch = int(max_batch)
         self._engine_args = (self.pipe.model, self.pipe.layout, max_batch, kv_budget_bytes)
@@ -229,7 +232,10 @@ class Worker:
         fps, duration = int(request.get("fps", 8)), int(request.get("duration", 1))
         text = request.get("text_ids")
         if text is None and request.get("prompt") is not None:
-            text = self.pipe.text_ids(request["prompt"], duration * fps, fps)
+            # F of the template, fixed at creation by PipelineSettings.conditioning (records
+            # written before it was stored: the official rule fps x duration)
+            text_frames = int(request.get("text_frames") or duration * fps)
+            text = self.pipe.text_ids(request["prompt"], text_frames, fps)
         given = request.get("given")
         if given is not None:
             given = torch.from_numpy(np.asarray(given, dtype=np.int64))  # [t0, h, w]
@@ -372,6 +378,7 @@ class Worker:
             "steps": s.steps,
             "cfg": s.cfg_video,
             "max_frames": s.max_frames,
+            "settings": s.to_dict(),  # the folder's defaults: the prompt rule lives there
             "codebook_size": p.visual.codebook_size,
             "batching": self.batching,
             "dtype": str(next(p.model.parameters()).dtype).removeprefix("torch."),
