@@ -276,7 +276,7 @@ def test_states_shown_and_stop_cancels_a_running_generation(context, served):
 
     session_id = generate(page, "a blue ball moves right", 64, steps=4)
     expect(page.locator("#status")).to_have_text("running")
-    page.wait_for_function("Number(document.getElementById('frame-count').textContent) >= 2")
+    page.wait_for_function("() => Number(document.getElementById('frame-count').textContent) >= 2")
     page.click("#stop")
     expect(page.locator("#status")).to_have_text("done")
     expect(page.locator("#announce")).to_contain_text("Stopped")
