@@ -10,7 +10,7 @@ const THUMBS = 40; // thumbnails kept in the strip (older ones are removed)
 const KEEP = 64; // frame images kept in memory as blob URLs (older ones are revoked)
 const LIVE_CHUNK = 4; // frames asked for per extend in Live mode
 const FPS_WINDOW = 30; // frames/s is measured over the last this many frames
-const REFUSED = [4400, 4401, 4403, 4404]; // stream close codes a retry cannot fix
+const REFUSED = [4400, 4401, 4403, 4404, 4410]; // stream close codes a retry cannot fix
 const STATUS_TEXT = { queued: "queued", running: "running", done: "done", idle: "done", failed: "failed" };
 
 const keys = {
@@ -62,6 +62,7 @@ const view = {
   timer: null,
   live: false,
   liveBusy: false,
+  liveRound: 0, // extends Live mode has made (a pending retry of an older round is dropped)
   times: [], // arrival times of the last FPS_WINDOW frames (ms)
 };
 
@@ -523,15 +524,17 @@ async function liveStep(force = false, tries = 0) {
   if (typed && typed !== currentPrompt()) body.prompt = typed;
   const gen = view.gen;
   view.liveBusy = true;
-  let retry = false;
+  let retry = 0; // ms until the next try, 0: none
   try {
     const state = await api("POST", sessionPath("/extend"), body, view.token);
     if (gen !== view.gen) return;
+    view.liveRound += 1;
     setState(state);
     if (!view.live) await cancel(); // Stop was pressed while this extend was on its way
   } catch (err) {
     if (gen !== view.gen) return;
-    if (err.status === 409) retry = tries < 20;
+    if (err.status === 409) retry = tries < 20 ? 100 : 0;
+    else if (err.status === 429) retry = 2000; // the cluster is busy: keep trying, more slowly
     else if (!err.offline) {
       setLive(false);
       showError(err.message);
@@ -539,7 +542,12 @@ async function liveStep(force = false, tries = 0) {
   } finally {
     if (gen === view.gen) view.liveBusy = false;
   }
-  if (retry) setTimeout(() => liveStep(force, tries + 1), 100);
+  if (retry) {
+    const round = view.liveRound;
+    setTimeout(() => {
+      if (view.liveRound === round) liveStep(force, tries + 1); // else a later try got there
+    }, retry);
+  }
 }
 
 async function cancel() {
