@@ -20,6 +20,7 @@ from PIL import Image
 
 import serving
 from lumos.cluster.serve import build_config
+from lumos.video import decode_image
 from official_fixture import make_release
 
 OWNER = "owner-" + uuid.uuid4().hex
@@ -95,6 +96,8 @@ def test_image_to_video_and_continuation_with_a_new_prompt(api):
     sid, auth = _create(api, frames=1, image=image)
     state = _wait(api, sid, auth)
     assert state["status"] == "done" and state["n_frames"] == 2  # the image + 1 generated
+    # frame 0 is the picture resized by the CLI's rule (same pixels -> same codes everywhere)
+    assert np.array_equal(_frame(api, sid, auth, 0), decode_image(buf.getvalue(), (64, 64)))
     more = {"frames": 1, "prompt": "a blue bag falls"}
     r = api.post(f"/api/sessions/{sid}/extend", json=more, headers=auth)
     assert r.status_code == 202, r.text

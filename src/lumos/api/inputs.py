@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException
 
 from lumos.cluster.limits import InvalidRequest, Limits, TooLarge
 
-MAX_FORWARD_SIDE = 1024  # images are shrunk to this side before going to the cluster
 DATA_URL = re.compile(r"data:image/(png|jpeg|jpg);base64")
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -51,7 +50,7 @@ def max_image_chars(limits: Limits) -> int:
 
 
 def decode_image(text: str, limits: Limits) -> bytes:
-    """Base64 PNG/JPEG (or a data: URL of one) -> validated PNG bytes; HTTPException if bad."""
+    """Base64 PNG/JPEG (or a data: URL of one) -> its validated bytes; HTTPException if bad."""
     from PIL import Image
 
     if text.startswith("data:"):
@@ -73,13 +72,12 @@ def decode_image(text: str, limits: Limits) -> bytes:
         raise HTTPException(422, str(e)) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-            rgb.thumbnail((MAX_FORWARD_SIDE, MAX_FORWARD_SIDE))  # bounds the PNG passed on
-    except Exception:  # verify() passed but the pixels do not decode (a truncated file)
+            image.convert("RGB")  # every pixel decodes (verify() alone misses truncated files)
+    except Exception:
         raise HTTPException(422, "image is not a decodable PNG or JPEG file") from None
-    out = io.BytesIO()
-    rgb.save(out, format="PNG")
-    return out.getvalue()
+    # the original bytes (within max_image_bytes and max_image_side) go on unchanged: the
+    # worker resizes them with video.decode_image, the same rule as `lumos generate --image`
+    return data
 
 
 class Guard:
