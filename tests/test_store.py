@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -505,6 +506,30 @@ def test_text_that_is_not_utf8_is_refused_before_anything_is_stored(opener: Open
         assert [m.session_id for m in await store.list_sessions("owner-a")] == ["s1"]
         emoji = await store.update_session("s1", prompts=[[0, "a cat \U0001f431"]])
         assert (await store.get_session("s1")).prompts == emoji.prompts == [[0, "a cat \U0001f431"]]
+
+    run(opener, body)
+
+
+def test_a_surrogate_a_store_already_holds_reads_as_u_fffd(opener: Opener) -> None:
+    """Rows written before the UTF-8 rule: listing, reading and deleting them still work."""
+
+    async def body(store: SessionStore) -> None:
+        await store.create_session(session())
+        raw = '[[0,"a \\ud800 cat"]]'  # what json.dumps wrote for a lone surrogate
+        if isinstance(store, SQLiteStore):
+            conn = sqlite3.connect(store.path)
+            conn.execute("UPDATE sessions SET prompts = ? WHERE session_id = 's1'", (raw,))
+            conn.commit()
+            conn.close()
+        else:
+            client = redis.Redis.from_url(REDIS_URL)
+            client.hset(f"{store.prefix}:session:s1", "prompts", raw)
+            client.close()
+        listed = await store.list_sessions("owner-a")
+        assert listed[0].prompts == [[0, "a \ufffd cat"]]
+        assert (await store.get_session("s1")).prompts == [[0, "a \ufffd cat"]]
+        await store.delete_session("s1")
+        assert await store.get_session("s1") is None
 
     run(opener, body)
 

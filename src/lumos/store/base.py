@@ -249,6 +249,23 @@ def check_range(start: int, end: int | None) -> None:
         raise ValueError(f"frame range must be non-negative, got [{start}, {end})")
 
 
+def load_json(text: str | bytes) -> Any:
+    """Parse stored JSON; text a store written before the UTF-8 rule may hold (a JSON-escaped
+    lone surrogate) comes back with U+FFFD in its place, so such a session can still be listed,
+    read and deleted."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return clean_text(value)
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        return value
+
+    return clean(json.loads(text))
+
+
 def dump_json(value: Any) -> str:
     """Compact JSON used for settings, prompts and frame meta in every backend.
 

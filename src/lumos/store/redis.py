@@ -18,7 +18,6 @@ pool per store object.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -37,6 +36,7 @@ from lumos.store.base import (
     check_range,
     check_update,
     dump_json,
+    load_json,
     releases,
 )
 
@@ -191,10 +191,10 @@ def _meta_from_hash(h: dict[bytes, bytes]) -> SessionMeta:
         owner=text("owner") or "",
         created_at=float(h[b"created_at"]),
         updated_at=float(h[b"updated_at"]),
-        settings=json.loads(h[b"settings"]),
+        settings=load_json(h[b"settings"]),
         status=text("status") or "queued",
         n_frames=int(h[b"n_frames"]),
-        prompts=json.loads(h[b"prompts"]),
+        prompts=load_json(h[b"prompts"]),
         rng_state=h.get(b"rng_state"),
         worker=text("worker"),
         error=text("error"),
@@ -403,7 +403,7 @@ class RedisStore(SessionStore):
             tokens, header, pixels = values[3 * i : 3 * i + 3]
             if tokens is None:  # truncated between the two reads: the prefix is what exists
                 break
-            head = json.loads(header)
+            head = load_json(header)
             frames.append(
                 FrameRecord(session_id, seq, tokens, tuple(head["shape"]), pixels, head["meta"])
             )

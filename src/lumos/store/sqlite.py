@@ -11,7 +11,6 @@ table (a row per active session: id, owner, since).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 import threading
@@ -35,6 +34,7 @@ from lumos.store.base import (
     check_range,
     check_update,
     dump_json,
+    load_json,
     releases,
 )
 
@@ -92,10 +92,10 @@ def _meta_from_row(row: tuple) -> SessionMeta:
         owner=owner,
         created_at=created,
         updated_at=updated,
-        settings=json.loads(settings),
+        settings=load_json(settings),
         status=status,
         n_frames=n,
-        prompts=json.loads(prompts),
+        prompts=load_json(prompts),
         rng_state=rng_state,
         worker=worker,
         error=error,
@@ -390,7 +390,7 @@ class SQLiteStore(SessionStore):
                 (session_id, start, stop),
             ).fetchall()
         return [
-            FrameRecord(session_id, seq, tokens, (h, w), pixels, json.loads(meta))
+            FrameRecord(session_id, seq, tokens, (h, w), pixels, load_json(meta))
             for seq, tokens, h, w, pixels, meta in rows
         ]
 
