@@ -322,6 +322,34 @@ def test_raycluster_has_a_gpu_worker_group_running_lumos_worker():
     assert worker_c["image"].endswith(":cuda") and head_c["image"].startswith("lumos:")
 
 
+def pod_labels() -> dict[str, dict]:
+    """app.kubernetes.io/name -> labels of every pod template in the manifests."""
+    out = {}
+    for d in manifests():
+        templates = []
+        if d["kind"] == "Deployment":
+            templates = [d["spec"]["template"]]
+        elif d["kind"] == "RayCluster":
+            groups = [d["spec"]["headGroupSpec"], *d["spec"]["workerGroupSpecs"]]
+            templates = [g["template"] for g in groups]
+        for t in templates:
+            labels = t["metadata"]["labels"]
+            out[labels["app.kubernetes.io/name"]] = labels
+    return out
+
+
+def test_network_policy_closes_redis_and_ray_to_other_pods():
+    (policy,) = by_kind("NetworkPolicy")
+    labels = pod_labels()
+    (expr,) = policy["spec"]["podSelector"]["matchExpressions"]
+    assert expr["key"] == "app.kubernetes.io/name" and expr["operator"] == "In"
+    assert set(expr["values"]) == {"lumos-redis", "lumos-ray-head", "lumos-ray-gpu"}
+    assert set(expr["values"]) <= set(labels)  # it selects pods that exist
+    (allowed,) = policy["spec"]["ingress"][0]["from"]
+    wanted = allowed["podSelector"]["matchLabels"].items()
+    assert all(wanted <= lab.items() for lab in labels.values())  # every Lumos pod may talk
+
+
 def test_api_and_redis_deployments_with_services():
     for name, port in (("lumos-api", "http"), ("lumos-redis", "redis")):
         (dep,) = by_kind("Deployment", name)
