@@ -64,8 +64,11 @@ def test_relative_links_resolve_inside_the_repository(path):
 
 
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.name)
-def test_docs_do_not_point_at_the_shared_spec(path):
-    assert "../shared" not in path.read_text(), f"{path.name} refers to ../shared"
+def test_docs_do_not_point_outside_the_repository(path):
+    text = path.read_text()
+    assert "../shared" not in text, f"{path.name} refers to ../shared"
+    external = [t for t in links(text) if urlparse(t).scheme or t.startswith("//")]
+    assert not external, f"{path.name} links outside the repository: {external}"
 
 
 def test_readme_links_the_user_docs():
