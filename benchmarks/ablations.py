@@ -48,11 +48,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lumos.checkpoint import load_model
 from lumos.data import ShardDataset, write_shards
-from lumos.diffusion import Sample, collate, masked_sample, random_mask, tube_mask
+from lumos.diffusion import (
+    Sample,
+    ardf_loss,
+    collate,
+    masked_sample,
+    pad_to,
+    random_mask,
+    tube_mask,
+)
 from lumos.masks import frame_causal_dense
 from lumos.sequence import Layout
 from lumos.train import train, train_preset
@@ -159,8 +166,8 @@ def evaluate(
             s_cnt = torch.zeros(b, dtype=torch.float64).index_add_(0, row, torch.ones_like(ce))
             per_clip.extend((s_sum / s_cnt.clamp_min(1)).tolist())
             n = max(int(frame.max()) + 1, fsum.numel())
-            fsum = _pad(fsum, n).index_add_(0, frame, ce)
-            fcnt = _pad(fcnt, n).index_add_(0, frame, torch.ones_like(ce))
+            fsum = pad_to(fsum, n).index_add_(0, frame, ce)
+            fcnt = pad_to(fcnt, n).index_add_(0, frame, torch.ones_like(ce))
             tot_s += float(ce.sum())
             tot_n += ce.numel()
         per_frame = (fsum / fcnt.clamp_min(1)).tolist()
@@ -176,22 +183,11 @@ def evaluate(
 
 
 def masked_ce(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """One forward with the frame-causal mask: CE over the visual rows at every masked code
-    position (the AR-DF loss terms, as in lumos.diffusion.masked_visual_loss), with the sample
-    row and latent frame of each term. Returns float64 ce [N], long row [N], long frame [N]."""
-    vocab = model.cfg.vocab_spec
-    mask = frame_causal_dense(batch["frame"], batch["valid"])
-    hidden = model(batch["inputs"], batch["positions"], mask, output="hidden")  # [B, L, D]
-    lm = batch["loss_mask"]  # [B, L]
-    w = model.lm_head.weight[model.visual_rows()]  # [V_vis, D]
-    logits = hidden[lm] @ w.t()  # [N, V_vis]
-    ce = F.cross_entropy(logits.float(), vocab.code(batch["targets"][lm]), reduction="none")
-    row = torch.arange(lm.shape[0]).unsqueeze(1).expand_as(lm)[lm]  # [N]
-    return ce.double(), row, batch["frame"][lm]
-
-
-def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(n - x.numel())]) if x.numel() < n else x
+    """One forward with the frame-causal mask: the AR-DF loss terms (lumos.diffusion's
+    masked_visual_loss), with the sample row and latent frame of each term. Returns float64
+    ce [N], long row [N], long frame [N]."""
+    out = ardf_loss(model, batch, mask=frame_causal_dense(batch["frame"], batch["valid"]))
+    return out["per_token"].double(), out["rows"], out["frames"]
 
 
 # =========================================================================== training logs

@@ -98,6 +98,14 @@ def test_loss_equals_naive_full_logits(tiny_model, layout):
     assert torch.allclose(out["loss"], naive, atol=1e-5)
     assert out["frame_count"].sum() == b["loss_mask"].sum()
     assert torch.allclose(out["frame_sum"].sum() / out["frame_count"].sum(), naive, atol=1e-5)
+    # every term, with its sample row and latent frame (what the ablations benchmark reads)
+    per = F.cross_entropy(
+        vis[b["loss_mask"]], b["targets"][b["loss_mask"]] - v.visual_offset, reduction="none"
+    )
+    assert torch.allclose(out["per_token"], per, atol=1e-5)
+    rows = torch.nonzero(b["loss_mask"])[:, 0]
+    assert torch.equal(out["rows"], rows) and torch.equal(out["frames"], b["frame"][b["loss_mask"]])
+    assert set(out["rows"].tolist()) == {0, 1}
 
 
 def test_only_masked_visual_positions_contribute(tiny_model, layout):

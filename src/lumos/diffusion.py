@@ -137,7 +137,9 @@ def masked_visual_loss(
 ) -> dict[str, Tensor]:
     """Mean CE over the visual rows at masked code positions, plus per-frame sums and counts.
 
-    hidden [B, L, D], targets/frame [B, L] long, loss_mask [B, L] bool.
+    hidden [B, L, D], targets/frame [B, L] long, loss_mask [B, L] bool. Also returns every term:
+    per_token [N] (the CE of each masked code, in the batch's row-major order), rows [N] (its
+    sample) and frames [N] (its latent frame).
     """
     vocab = model.cfg.vocab_spec
     h = hidden[loss_mask]  # [N, D]
@@ -159,7 +161,21 @@ def masked_visual_loss(
         0, fr, torch.ones_like(per_tok.detach())
     )
     loss = per_tok.mean() if per_tok.numel() else hidden.sum() * 0.0
-    return {"loss": loss, "frame_sum": frame_sum, "frame_count": frame_count, "n": per_tok.numel()}
+    rows = torch.arange(loss_mask.shape[0], device=h.device).unsqueeze(1).expand_as(loss_mask)
+    return {
+        "loss": loss,
+        "frame_sum": frame_sum,
+        "frame_count": frame_count,
+        "n": per_tok.numel(),
+        "per_token": per_tok,
+        "rows": rows[loss_mask],
+        "frames": fr,
+    }
+
+
+def pad_to(x: Tensor, n: int) -> Tensor:
+    """A 1-D tensor zero-padded at the end to length n (per-frame sums of different lengths)."""
+    return torch.cat([x, x.new_zeros(n - x.numel())]) if x.numel() < n else x
 
 
 def ardf_loss(model, batch: dict[str, Tensor], chunk: int = 4096, mask=None) -> dict[str, Tensor]:

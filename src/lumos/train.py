@@ -46,7 +46,7 @@ from lumos.checkpoint import load_model, save_model
 from lumos.config import MODEL_PRESETS, DiffusionConfig, ModelConfig, model_preset
 from lumos.data import ShardDataset
 from lumos.devices import cpu_has_fast_bf16
-from lumos.diffusion import Sample, ardf_loss, collate, make_sample
+from lumos.diffusion import Sample, ardf_loss, collate, make_sample, pad_to
 from lumos.model import Lumos, build_model
 from lumos.sequence import Layout
 
@@ -614,12 +614,8 @@ class _Interval:
             self.frame_sum, self.frame_count = fs.detach().clone(), fc.detach().clone()
             return
         n = max(fs.numel(), self.frame_sum.numel())
-        self.frame_sum = _pad(self.frame_sum, n) + _pad(fs.detach(), n)
-        self.frame_count = _pad(self.frame_count, n) + _pad(fc.detach(), n)
-
-
-def _pad(x: Tensor, n: int) -> Tensor:
-    return torch.cat([x, x.new_zeros(n - x.numel())]) if x.numel() < n else x
+        self.frame_sum = pad_to(self.frame_sum, n) + pad_to(fs.detach(), n)
+        self.frame_count = pad_to(self.frame_count, n) + pad_to(fc.detach(), n)
 
 
 def _per_frame(iv: _Interval, info: DistInfo, dev: torch.device) -> list[float | None]:
@@ -629,7 +625,7 @@ def _per_frame(iv: _Interval, info: DistInfo, dev: torch.device) -> list[float |
     if info.enabled:
         n = torch.tensor([fs.numel()], device=dev)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        both = torch.stack([_pad(fs.float(), int(n)), _pad(fc.float(), int(n))])  # [2, F]
+        both = torch.stack([pad_to(fs.float(), int(n)), pad_to(fc.float(), int(n))])  # [2, F]
         dist.all_reduce(both)
         fs, fc = both[0], both[1]
     return [float(s / c) if c > 0 else None for s, c in zip(fs.tolist(), fc.tolist())]
