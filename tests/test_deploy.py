@@ -381,9 +381,11 @@ def test_api_and_redis_deployments_with_services():
 # -- monitoring ----------------------------------------------------------------------------------
 
 
-def served_metric_names() -> set[str]:
-    """Every sample name /metrics can serve (a worker reporting every figure, a refusal)."""
+def served_metric_names() -> dict[str, set[str]]:
+    """Every sample name /metrics can serve (a worker reporting every figure, a refusal), with
+    its label names."""
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     m = Metrics()
     load = {
@@ -405,8 +407,14 @@ def served_metric_names() -> set[str]:
         )
     m.commit_to_browser.observe(0.01)
     m.http_requests.labels("GET", "200").inc()
-    text = generate_latest(m.registry).decode()
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(m.registry).decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+PROMQL_CALLS = {"sum", "max", "min", "avg", "rate", "increase", "histogram_quantile", "by"}
 
 
 def test_grafana_dashboard_charts_served_metrics():
@@ -417,8 +425,22 @@ def test_grafana_dashboard_charts_served_metrics():
     for panel in dash["panels"]:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            names = re.findall(r"\blumos_[a-z_]+", target["expr"])
-            assert names, target["expr"]
+            expr = target["expr"]
+            names = re.findall(r"\blumos_[a-z_]+", expr)
+            assert names, expr
+            depth = 0
+            for ch in expr:  # balanced parentheses, never closing more than opened
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                assert depth >= 0, expr
+            assert depth == 0, expr
+            calls = set(re.findall(r"\b([a-z_]+)\s*\(", expr)) - set(names)
+            assert calls <= PROMQL_CALLS, f"{expr}: unknown function {calls - PROMQL_CALLS}"
+            labels = set().union(*(served.get(n, set()) for n in names))
+            for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                for label in (x.strip() for x in group.split(",")):
+                    assert label in labels, f"{expr}: no metric here has the label {label}"
+            for window in re.findall(r"\[([^\]]+)\]", expr):
+                assert re.fullmatch(r"\d+[smh]", window), expr
             for name in names:
                 assert name in served, f"{panel['title']}: {name} is not served by /metrics"
             used |= set(names)
