@@ -24,12 +24,7 @@ from lumos.config import SamplerConfig, model_preset
 from lumos.model import build_model
 from lumos.sampler import VideoBatch, VideoRequest
 from lumos.sequence import Layout
-from report import emit
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from report import emit, sync
 
 
 def _peak_mem(device: str) -> int:
@@ -48,11 +43,11 @@ def time_frames(model, layout, args, use_cache: bool) -> float:
     sc = SamplerConfig(steps=args.steps, cfg=args.cfg)
     batch = VideoBatch(model, layout, [req], sc, use_cache=use_cache)
     batch.next_frame()  # warm-up
-    _sync(args.device)
+    sync(args.device)
     t0 = time.perf_counter()
     for _ in range(args.frames):
         batch.next_frame()
-    _sync(args.device)
+    sync(args.device)
     return (time.perf_counter() - t0) / args.frames
 
 
@@ -84,12 +79,12 @@ def step_mfu(model, layout, args) -> dict:
     known = torch.zeros_like(codes, dtype=torch.bool)
     for _ in range(3):
         batch.frame_logits(blocks, codes, known)
-    _sync(args.device)
+    sync(args.device)
     reps = 10
     t0 = time.perf_counter()
     for _ in range(reps):
         batch.frame_logits(blocks, codes, known)
-    _sync(args.device)
+    sync(args.device)
     dt = (time.perf_counter() - t0) / reps
     rows, n = batch.n_rows, layout.block_len
     ctx = max(batch.cache.lengths) + n

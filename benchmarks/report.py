@@ -1,4 +1,5 @@
-"""Shared output of the benchmarks: a two-column table on stdout and the same dict as JSON."""
+"""Shared helpers of the benchmarks: a two-column table on stdout and the same dict as JSON, and
+the device sync before reading a clock."""
 
 from __future__ import annotations
 
@@ -14,3 +15,11 @@ def emit(res: dict, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(res, f, indent=2)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA) so a timer reads finished work."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()

@@ -48,10 +48,8 @@ import base64
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -59,7 +57,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from idle_sessions import run_idle_sessions  # noqa: E402
 from lumos.devices import DTYPE_CHOICES
+from report import emit, sync  # noqa: E402
+from serving import Server  # noqa: E402  (the one uvicorn-in-a-thread harness)
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "lumos" / "assets" / "fmnist"
 PROMPTS = [
@@ -119,11 +121,6 @@ def _speedup_key(sessions: list[int]) -> str:
 # -- engine only ---------------------------------------------------------------------------------
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_engine_only(args) -> dict:
     from lumos.config import SamplerConfig
     from lumos.engine import Engine, EngineRequest
@@ -151,7 +148,7 @@ def run_engine_only(args) -> dict:
     def one_round(batching: bool, n: int, frames: int) -> tuple[float, list[float], int]:
         eng = Engine(pipe.model, pipe.layout, max_batch=max_batch, batching=batching)
         reqs = requests(n, frames)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for r in reqs:
             eng.add(r)
@@ -164,7 +161,7 @@ def run_engine_only(args) -> dict:
                 for ev in events:
                     first.setdefault(ev.session_id, now - t0)
                 got += len(events)
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t0
         if got != n * frames:
             raise RuntimeError(f"engine emitted {got} frames, expected {n * frames}")
@@ -214,39 +211,8 @@ def run_engine_only(args) -> dict:
 # -- the real stack ------------------------------------------------------------------------------
 
 
-class Server:
-    """uvicorn serving create_app(cfg) on a free port in a background thread."""
-
-    def __init__(self, cfg) -> None:
-        import uvicorn
-
-        from lumos.api import create_app
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            create_app(cfg), log_level="warning", timeout_graceful_shutdown=5, ws_ping_interval=None
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 600
-        while not self.server.started:  # the lifespan starts the client and waits for the worker
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API server did not start")
-            time.sleep(0.05)
-
-    def ws_url(self, sid: str, token: str, start: int = 0) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/sessions/{sid}/stream?from={start}&token={token}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        self.sock.close()
+def _ws_url(server: Server, sid: str, start: int = 0) -> str:
+    return f"ws://127.0.0.1:{server.port}/api/sessions/{sid}/stream?from={start}"
 
 
 async def _read_frames(ws, sid: str, first: int, n: int, deadline: float) -> list[dict]:
@@ -299,7 +265,8 @@ async def _session(http, server: Server, i: int, args, owner: str, barrier, time
     out = r.json()
     sid, token = out["id"], out["token"]
     auth = {"Authorization": f"Bearer {token}"}
-    async with connect(server.ws_url(sid, token), max_size=None, ping_interval=None) as ws:
+    async with connect(_ws_url(server, sid), max_size=None, ping_interval=None) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token}))  # no token in any URL
         connected_at = time.time()
         cold = await _read_frames(ws, sid, 0, args.frames, deadline)
         await _wait_idle(http, sid, auth, deadline)
@@ -392,11 +359,14 @@ def run_stack(args) -> dict:
     import httpx
     import ray
 
-    from lumos.cluster.runtime import Limits, ServeConfig
+    from lumos.cluster import runtime
+    from lumos.cluster.limits import Limits
+    from lumos.cluster.runtime import ServeConfig
 
     cuda = torch.cuda.is_available()
     os.environ.pop("RAY_GCS_SERVER_PORT", None)  # random ports; never Redis' 6379
     ray.init(
+        address="local",  # a new instance, even where other Ray clusters run on this machine
         num_cpus=max(1, args.threads) + 1,
         include_dashboard=False,
         namespace="lumos-bench",
@@ -429,15 +399,19 @@ def run_stack(args) -> dict:
                 limits=Limits(max_sessions=max(32, 2 * max(args.sessions))),
             )
             t = time.perf_counter()
-            server = Server(cfg)
+            server = Server(cfg, ws_ping_interval=None)
             try:
                 print(
                     f"  stack batching={mode}: API and worker up in "
                     f"{time.perf_counter() - t:.1f} s",
                     flush=True,
                 )
-                workers = httpx.get(server.url + "/api/health", timeout=60).json()["workers"]
-                info = workers[0] if workers else info
+                workers = httpx.get(server.url + "api/health", timeout=60).json()["workers"]
+                if not workers:
+                    raise RuntimeError("the API reports no live worker")
+                info = ray.get(
+                    ray.get_actor(runtime.list_workers(ns)[0], namespace=ns).info.remote()
+                )
                 if workers and bool(info.get("batching", MODES[mode])) != MODES[mode]:
                     raise RuntimeError(f"the worker does not run batching={mode}")
                 asyncio.run(_round(server, 1, args, timeout_s))  # warm-up
@@ -572,8 +546,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--repeats", type=int, default=1, help="rounds per N; frames/s is the best")
     p.add_argument("--timeout", type=float, default=600.0, help="per round, seconds")
+    p.add_argument(
+        "--idle-sessions",
+        type=int,
+        default=0,
+        help="N sessions of one frame each, then idle: create latency, RSS (see idle_sessions.py)",
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="--idle-sessions: clients at once")
+    p.add_argument("--idle-steps", type=int, default=1, help="--idle-sessions: steps per frame")
+    p.add_argument("--session-hosts", type=int, default=2, help="--idle-sessions: session hosts")
+    p.add_argument(
+        "--idle-s", type=float, default=600.0, help="--idle-sessions: grain idle timeout"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.idle_sessions:
+        if min(args.idle_sessions, args.concurrency, args.idle_steps, args.session_hosts) < 1:
+            p.error("--idle-sessions, --concurrency, --idle-steps, --session-hosts must be >= 1")
+        res = run_idle_sessions(args)
+        emit(res, args.json)
+        return res
     try:
         args.sessions = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
         args.modes = [m.strip() for m in args.batching.split(",") if m.strip()]

@@ -337,3 +337,36 @@ def test_no_live_worker_health_503_and_create_503(cfg):
         assert r.status_code == 503 and "no live worker" in r.json()["error"], r.text
     finally:
         server.stop()
+
+
+# -- many idle sessions (1,000 in benchmarks/serve.py --idle-sessions 1000) ----------------------
+
+
+def test_a_hundred_sessions_live_as_grains_in_two_hosts_all_reachable(cfg):
+    from lumos.cluster.limits import Limits
+
+    n = 100
+    limits = Limits(max_sessions=n, max_sessions_per_owner=n, max_stored_sessions_per_owner=n)
+
+    async def body():
+        client = await LumosClient.start(cfg(limits=limits))
+        try:
+            sem = asyncio.Semaphore(16)
+
+            async def one(i: int) -> tuple[str, list[dict]]:
+                async with sem:
+                    st, _ = await client.create_session("a bag", 1, steps=1, seed=i, owner="o")
+                    return st["id"], await collect(client.subscribe(st["id"]))
+
+            made = await asyncio.gather(*(one(i) for i in range(n)))
+            assert len({sid for sid, _ in made}) == n
+            for sid, got in made:
+                await assert_complete(client, sid, 1, got)
+            stats = await client.hosts()
+            assert len(stats) == 2 and sum(s["active"] for s in stats) == n  # grains, 2 processes
+            placed = {shard_of(sid, 2) for sid, _ in made}
+            assert placed == {0, 1}
+        finally:
+            await client.close()
+
+    run(body())
