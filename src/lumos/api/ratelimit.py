@@ -6,6 +6,10 @@ token or is refused with the seconds until the next one (HTTP 429, Retry-After).
 this process: with several API processes each enforces its own (so the cluster-wide rate is at
 most the sum). At most `max_keys` buckets are kept; the least recently used one is dropped first
 (it would start full again, which only ever errs toward letting a request through).
+
+The client address is the socket peer as uvicorn reports it: behind a reverse proxy, run uvicorn
+with --proxy-headers and --forwarded-allow-ips set to the proxy, or every client shares the
+proxy's bucket.
 """
 
 from __future__ import annotations

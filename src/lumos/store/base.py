@@ -85,7 +85,7 @@ class Admission:
     max_active_per_owner: int
     max_stored_per_owner: int
     retry_after_s: int = 5
-    stale_s: float = 120.0
+    stale_s: float = 600.0  # longer than any create takes between reserving and queueing
 
     def __post_init__(self) -> None:
         for name in ("max_active", "max_active_per_owner", "max_stored_per_owner"):
