@@ -10,7 +10,7 @@ on the CPU instead of two fighting over the cores. Each request's `run` stream t
 its frames (in a small thread pool) and yields them to the session that asked (a Ray streaming
 generator).
 
-A request is a plain dict (what `SessionActor` sends):
+A request is a plain dict (what a session grain, `lumos.cluster.session`, sends):
 
     session_id   str
     prompt       str | None       tokenized here (the text tokenizer lives with the model)
@@ -25,6 +25,11 @@ Every yielded item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the la
 frames side by side, rgb_frames of them), rgb_frames, done, worker, committed_at (wall clock when
 the engine step that committed the frame returned, before pixel decoding: for latency
 measurements)}.
+
+`drop(session_id)` forgets a session (its request and its KV cache in the engine's pool): the
+session host calls it when the session is deleted or deactivated. `load()` reports what placement
+needs (`sessions` counts running, waiting and about-to-be-added requests once; `capacity`, the
+engine's batch size; `kv_bytes`). The actor runs with max_restarts=-1 (runtime.start_workers).
 
 torch is imported inside the actor only: the API process imports this module to name the class.
 """
