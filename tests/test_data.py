@@ -323,3 +323,18 @@ def test_shards_large_codebook_and_mixed_grids(tmp_path):
     assert torch.equal(sh[1][0], big_codes(clips[1].video))
     with pytest.raises(ValueError, match="codebook_size"):
         write_shards(pairs, big_codes, encode_text, tmp_path / "x", codebook_size=1000)
+
+
+def test_package_reexports_every_public_name():
+    import importlib
+
+    import lumos.data as pkg
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
+    # each public name of a submodule is the same object through the package
+    for mod in ("vocab", "fmnist", "captions", "render", "prompts", "folders", "shards"):
+        m = importlib.import_module(f"lumos.data.{mod}")
+        assert m.__doc__, mod
+        for name in (n for n in pkg.__all__ if hasattr(m, n)):
+            assert getattr(m, name) is getattr(pkg, name), (mod, name)

@@ -244,3 +244,11 @@ def test_main_prints_confusion_and_per_frame(tmp_path, capsys):
     r = json.loads(path.read_text())["real"]["heldout"]
     assert len(r["per_frame"]["class"]) == 4 and sum(map(sum, (
         row.values() for row in r["confusion"].values()))) == r["n_items"]  # fmt: skip
+
+
+def test_package_reexports_every_public_name():
+    import lumos.evaluate as pkg
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
+    assert pkg.CLASSIFIER_DIR.is_dir() and (pkg.CLASSIFIER_DIR / pkg.WEIGHTS_FILE).is_file()
