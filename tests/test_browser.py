@@ -5,8 +5,8 @@ temporary file, the random tiny model), one server for the module. The tests typ
 watch frames arrive over the WebSocket (token in its first message, never in a URL), extend,
 stop a running generation, download the mp4 and a frame with the bearer header, restart the API
 (the page reconnects with from=<last seq + 1>, and says the server is unreachable while it is
-down), and check the 390x844 phone layout, the keyboard path through the frames and the aria-live
-status. Playwright's own browser downloads are never used: Chromium must be installed
+down), make a generation fail for real (an SQLite trigger refuses its third frame), and check
+the 390x844 phone layout, the keyboard path through the frames and the aria-live status. Playwright's own browser downloads are never used: Chromium must be installed
 (`apt-get install -y chromium`), or the tests fail saying so.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -300,15 +301,6 @@ def test_states_shown_and_stop_cancels_a_running_generation(context, served):
     assert "Session running" in seen["announce"], seen["announce"]
     assert "Session done" in " ".join(seen["announce"]), seen["announce"]
 
-    # the page's handler for a state message: failed is shown and announced as such, and an
-    # older stored record's "idle" reads as done
-    page.evaluate("setState({status: 'failed', error: 'worker lost', n_frames: 3})")
-    expect(page.locator("#status")).to_have_text("failed")
-    expect(page.locator("#status")).to_have_class("status failed")
-    expect(page.locator("#error")).to_contain_text("worker lost")
-    expect(page.locator("#announce")).to_have_text("Session failed: worker lost")
-    page.evaluate("setState({status: 'idle', n_frames: 3})")
-    expect(page.locator("#status")).to_have_text("done")
     rec.check_token_private(page, session_id, token)
     assert not rec.errors, rec.errors
 
@@ -345,4 +337,44 @@ def test_unreachable_server_gets_a_friendly_message_and_retry(context, served):
     assert "Lost contact with the Lumos server; retrying." in page.evaluate(
         "window.__seen.announce"
     )
+    assert not rec.errors, rec.errors
+
+
+def test_a_failed_generation_is_shown_and_announced(context, served):
+    from playwright.sync_api import expect
+
+    # the store refuses frame 2 and on (a real write error, retried, then the session fails)
+    db = sqlite3.connect(served.cfg.store_url.removeprefix("sqlite:///"), timeout=30)
+    db.execute(
+        "CREATE TRIGGER refuse_frames BEFORE INSERT ON frames WHEN NEW.seq >= 2 "
+        "BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END"
+    )
+    db.commit()
+    try:
+        page = context.new_page()
+        rec = Record(page)
+        page.goto(served.url)
+        session_id = generate(page, "a green box moves down", 6)
+        expect(page.locator("#status")).to_have_text("failed")
+        expect(page.locator("#status")).to_have_class("status failed")
+        expect(page.locator("#error")).to_contain_text("The generation failed")
+        expect(page.locator("#error")).to_contain_text("disk full (test)")
+        expect(page.locator("#announce")).to_contain_text("Session failed: ")
+        expect(page.locator("#frame-count")).to_have_text("2")
+        expect(page.locator(f'#sessions li[data-id="{session_id}"]')).to_contain_text("failed")
+    finally:
+        db.execute("DROP TRIGGER refuse_frames")
+        db.commit()
+
+    # a record stored before the statuses queued/done existed says idle: shown as done
+    db.execute(
+        "UPDATE sessions SET status = 'idle', error = NULL WHERE session_id = ?", (session_id,)
+    )
+    db.commit()
+    db.close()
+    page.reload()
+    expect(page.locator(f'#sessions li[data-id="{session_id}"]')).to_contain_text("2 frames, done")
+    page.click(f'#sessions li[data-id="{session_id}"] button.open')
+    expect(page.locator("#status")).to_have_text("done")
+    expect(page.locator("#frame-count")).to_have_text("2")
     assert not rec.errors, rec.errors
