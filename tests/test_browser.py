@@ -6,8 +6,9 @@ watch frames arrive over the WebSocket (token in its first message, never in a U
 stop a running generation, download the mp4 and a frame with the bearer header, restart the API
 (the page reconnects with from=<last seq + 1>, and says the server is unreachable while it is
 down), make a generation fail for real (an SQLite trigger refuses its third frame), and check
-the 390x844 phone layout, the keyboard path through the frames and the aria-live status. Playwright's own browser downloads are never used: Chromium must be installed
-(`apt-get install -y chromium`), or the tests fail saying so.
+the 390x844 phone layout, the keyboard path through the frames and the aria-live status.
+Playwright's own browser downloads are never used: Chromium must be installed (`apt-get install
+-y chromium`), or the tests fail saying so.
 """
 
 from __future__ import annotations
