@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,6 +21,8 @@ from lumos.config import model_preset
 from lumos.data import write_shards
 from lumos.devices import cpu_has_fast_bf16
 from lumos.train import (
+    EMA,
+    EMA_DIR,
     TRAIN_PRESETS,
     DataOrder,
     StepPlan,
@@ -273,6 +276,37 @@ def test_cli_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "nope" in err
+
+
+def test_ema_of_the_weights_resumes_exactly_and_loads_as_a_model(videos, tmp_path):
+    cfg = _tiny(steps=4, ema_decay=0.9)
+    straight = train(cfg, str(videos), None, str(tmp_path / "a"), device="cpu", progress=False)
+    train(cfg, str(videos), None, str(tmp_path / "b"), device="cpu", max_steps=2, progress=False)
+    rest = train(cfg, str(videos), None, str(tmp_path / "b"), resume=True, device="cpu",
+                 progress=False)  # fmt: skip
+    assert rest["ema_digest"] == straight["ema_digest"]  # the average survives the resume
+    assert straight["ema_digest"] != straight["weights_digest"]
+    ema, rep = load_model(tmp_path / "a" / "latest" / EMA_DIR)  # a model folder like any other
+    assert not rep.missing and weights_digest(ema) == straight["ema_digest"]
+    state = torch.load(tmp_path / "a" / "latest" / "trainer.pt", weights_only=False)
+    assert state["ema_updates"] == 4
+    off = train(_tiny(steps=1), str(videos), None, str(tmp_path / "c"), device="cpu",
+                progress=False)  # fmt: skip
+    assert off["ema_digest"] is None  # off by default
+    with pytest.raises(ValueError, match="ema_decay"):
+        _tiny(ema_decay=1.0)
+
+
+def test_ema_update_follows_its_warm_up_rule(tiny_model):
+    ema = EMA(tiny_model, decay=0.99)
+    target = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+    before = ema.model.lm_head.weight.clone()
+    ema.update(target)  # first update: d = min(0.99, 1 / 10) = 0.1
+    want = 0.1 * before + 0.9 * target.lm_head.weight
+    assert torch.allclose(ema.model.lm_head.weight, want, atol=1e-6) and ema.updates == 1
 
 
 def test_resume_without_checkpoint_is_a_clear_error(videos, tmp_path):

@@ -31,6 +31,8 @@ from lumos.train.config import TRAIN_PRESETS, TrainConfig, model_flops_per_token
 from lumos.train.distributed import DistInfo, init_distributed, resolve_device
 from lumos.train.loop import train
 from lumos.train.state import (
+    EMA,
+    EMA_DIR,
     TRAINER_STATE,
     TRAINER_VERSION,
     grow_depth,
@@ -42,6 +44,8 @@ from lumos.train.state import (
 )
 
 __all__ = [
+    "EMA",
+    "EMA_DIR",
     "IMAGE",
     "TRAINER_STATE",
     "TRAINER_VERSION",

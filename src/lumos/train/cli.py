@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --init-from: deepen the model to N layers (new layers start as identities)",
     )
     p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="keep an EMA of the weights for sampling in OUT/latest/ema (e.g. 0.999; 0: off)",
+    )
+    p.add_argument(
         "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -80,6 +85,7 @@ _FLAG_FIELDS = (
     "peak_flops",
     "init_from",
     "grow_layers",
+    "ema_decay",
     "activation_checkpointing",
     "compile",
     "bf16",

@@ -47,6 +47,7 @@ class TrainConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s: enables MFU in the logs
     init_from: str | None = None  # a model folder (ours or official) to start from
     grow_layers: int = 0  # with init_from: deepen the loaded model to this many layers (0: keep)
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights for sampling (latest/ema/)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ValueError("peak_flops must be > 0")
         if self.grow_layers < 0:
             raise ValueError(f"grow_layers must be >= 0, got {self.grow_layers}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grow_layers and not self.init_from:
             raise ValueError("grow_layers deepens a loaded model: it needs init_from")
 

@@ -21,6 +21,7 @@ from lumos.train.distributed import DistInfo, init_distributed, resolve_device
 from lumos.train.state import (
     build_train_model,
     layout_info,
+    load_ema,
     load_trainer_state,
     make_optimizer,
     save_checkpoint,
@@ -128,6 +129,7 @@ def train(
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
     model = build_train_model(cfg, dev, ckpt if resume else None)
+    ema = load_ema(ckpt, model, cfg, state)  # None unless cfg.ema_decay
     mcfg = model.cfg
     vocab = mcfg.vocab_spec
     for ds, what in ((video_ds, "video"), (image_ds, "image")):
@@ -229,6 +231,8 @@ def train(
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
+        if ema is not None:
+            ema.update(model)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if kind == VIDEO:
@@ -286,7 +290,7 @@ def train(
 
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop:
             save_checkpoint(
-                out, model, opt, sched, step, plan.positions(step), cfg, layout, info, dev
+                out, model, opt, sched, step, plan.positions(step), cfg, layout, info, dev, ema
             )
     pbar.close()
     if writer is not None:
@@ -301,6 +305,7 @@ def train(
         "tokens_per_s": steady_tokens / steady_seconds if steady_seconds else None,
         "checkpoint": str(ckpt),
         "weights_digest": weights_digest(model),
+        "ema_digest": weights_digest(ema.model) if ema is not None else None,
         "world_size": info.world_size,
         "rank": info.rank,
         "bf16": use_bf16,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
@@ -24,6 +25,7 @@ from lumos.train.distributed import DistInfo
 
 TRAINER_STATE = "trainer.pt"
 TRAINER_VERSION = 1
+EMA_DIR = "ema"  # latest/ema: the averaged weights, a model folder
 
 
 # =========================================================================== model, optimizer
@@ -148,6 +150,38 @@ def layout_info(model_cfg: ModelConfig, ds: ShardDataset, cfg: TrainConfig) -> d
     }
 
 
+class EMA:
+    """An exponential moving average of the weights, for sampling: after every optimizer step
+    ema = d * ema + (1 - d) * w with d = min(decay, (1 + n) / (10 + n)) after n updates (a short
+    warm-up so early weights fade fast). Kept in float32 on the model's device."""
+
+    def __init__(self, model: Lumos, decay: float, updates: int = 0) -> None:
+        self.decay, self.updates = float(decay), int(updates)
+        self.model = copy.deepcopy(model).float().eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: Lumos) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.lerp_(p.detach().float(), 1.0 - d)
+        self.updates += 1
+
+
+def load_ema(ckpt: Path, model: Lumos, cfg: TrainConfig, state: dict | None) -> EMA | None:
+    """The run's EMA (None when cfg.ema_decay is 0): resumed from ckpt/ema with its update count,
+    or started from the model's weights."""
+    if not cfg.ema_decay:
+        return None
+    ema = EMA(model, cfg.ema_decay)
+    if state is not None and (ckpt / EMA_DIR).is_dir():
+        saved, _ = load_model(ckpt / EMA_DIR, device=next(model.parameters()).device)
+        ema.model.load_state_dict(saved.state_dict())
+        ema.updates = int(state.get("ema_updates", 0))
+    return ema
+
+
 def save_checkpoint(
     out_dir: Path,
     model: Lumos,
@@ -159,8 +193,10 @@ def save_checkpoint(
     layout: dict,
     info: DistInfo,
     dev: torch.device,
+    ema: EMA | None = None,
 ) -> Path:
-    """Write out_dir/latest atomically (rank 0; every rank contributes its RNG states)."""
+    """Write out_dir/latest atomically (rank 0; every rank contributes its RNG states); with an
+    EMA, latest/ema/ is a model folder of the averaged weights (load it like any model)."""
     rng = rng_state(dev)
     rngs = [rng]
     if info.enabled:
@@ -172,6 +208,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         extra = {"train": cfg.to_dict(), "layout": layout, "step": step}
         save_model(model, tmp, extra=extra)
+        if ema is not None:
+            save_model(ema.model, tmp / EMA_DIR, extra={**extra, "ema_decay": ema.decay})
         state = {
             "version": TRAINER_VERSION,
             "step": step,
@@ -181,6 +219,7 @@ def save_checkpoint(
             "rng": rngs,
             "world_size": info.world_size,
             "train_config": cfg.to_dict(),
+            "ema_updates": ema.updates if ema is not None else 0,
         }
         torch.save(state, tmp / TRAINER_STATE)
         shutil.rmtree(old, ignore_errors=True)
