@@ -78,3 +78,63 @@ def test_the_harness_reports_a_server_error_and_a_wrong_schema():
         thread.join(10)
     kinds = {f["kind"] for f in out["failures"]}
     assert "ServerError" in kinds and "UndefinedStatusCode" in kinds, out["failures"]
+
+
+def test_stream_answers_any_from_and_first_message_with_a_defined_close(server):
+    """The WebSocket is outside the OpenAPI schema: random `from` values and first messages get
+    4400 / 4401 with an error message first, never a crashed handler (1011) or a stream."""
+    import json
+    from urllib.parse import quote
+
+    import httpx
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    r = httpx.post(
+        server.url + "api/sessions", json={"prompt": "a red sneaker", "frames": 1}, timeout=60
+    )
+    assert r.status_code == 201, r.text
+    sid, token = r.json()["id"], r.json()["token"]
+    base = server.url.replace("http://", "ws://") + f"api/sessions/{sid}/stream"
+    garbage = st.one_of(
+        st.text(max_size=50),
+        st.binary(max_size=50),
+        st.builds(json.dumps, st.dictionaries(st.text(max_size=8), st.text(max_size=8))),
+        st.just(json.dumps({"type": "auth", "token": token + "x"})),
+        st.just(json.dumps({"type": "auth", "token": 7})),
+    )
+    codes = []
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(start=st.one_of(st.none(), st.text(max_size=12)), first=garbage)
+    @example(start="²", first="{}")  # isdigit() but int() fails: crashed the handler before
+    @example(start="１２", first=b"\x00")  # full-width digits: int() reads them as 12
+    @example(start="0", first=b"binary first message")
+    def one(start, first) -> None:
+        valid_from = start is None or (start.isascii() and start.isdigit() and len(start) <= 9)
+        url = base if start is None else f"{base}?from={quote(start, safe='')}"
+        with connect(url, open_timeout=30) as ws:
+            try:
+                ws.send(first)
+            except ConnectionClosed:
+                pass
+            msg = json.loads(ws.recv(timeout=30))
+            assert msg["type"] == "error" and msg["error"], msg
+            try:
+                ws.recv(timeout=30)
+                raise AssertionError("the stream stayed open")
+            except ConnectionClosed as closed:
+                code = closed.rcvd.code
+        assert code == (4401 if valid_from else 4400), (start, first, code)
+        codes.append(code)
+
+    one()
+    assert 4400 in codes and 4401 in codes
