@@ -289,7 +289,9 @@ def test_verify_tokens_and_limits(cluster):
 
 def test_idle_session_deactivates_and_reactivates_from_the_store(cluster):
     async def body():
-        client = await LumosClient.start(cluster.cfg("sqlite", session_idle_s=1.0))
+        # its own store: session hosts (named by store) keep the idle timeout they started with
+        idle = cluster.cfg("sqlite", session_idle_s=1.0, store_url=cluster.sqlite_url + ".idle")
+        client = await LumosClient.start(idle)
         try:
             st, _ = await client.create_session("a coat", 3, steps=2, cfg_scale=2.0, seed=5)
             sid = st["id"]
