@@ -48,21 +48,16 @@ without an admin token configured it answers 404, without a token 401, with a wr
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import hashlib
 import hmac
-import inspect
-import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from fastapi import FastAPI, Header, Request, WebSocket
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
@@ -70,10 +65,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.websockets import WebSocketState
 
 from lumos.api import metrics, openapi
-from lumos.api.inputs import Guard, RedactTokens, bearer, decode_image, error, max_image_chars
+from lumos.api.inputs import (
+    Guard,
+    RedactTokens,
+    bearer,
+    decode_image,
+    error,
+    max_image_chars,
+    maybe,
+)
 from lumos.api.ratelimit import RateLimiter, retry_after
 from lumos.api.schemas import (
     REFUSAL_REASONS,
@@ -86,7 +88,9 @@ from lumos.api.schemas import (
     RefusalBody,
     SessionList,
     SessionState,
+    public_state,
 )
+from lumos.api.stream import serve_stream
 from lumos.cluster.limits import InvalidRequest, Limits, TooLarge
 from lumos.cluster.runtime import error_message as _message
 from lumos.store import AdmissionRefused
@@ -101,13 +105,7 @@ STATIC = Path(__file__).parent / "static"
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch
 OWNER_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")  # fullmatch
 MAX_TOKEN_CHARS = 512
-AUTH_TIMEOUT_S = 10.0  # a WebSocket must send its auth message within this
-MAX_AUTH_MESSAGE = 4096
-STATE_KEYS = tuple(SessionState.model_fields)
-STATE_POLL_S = 0.5
 NOT_FOUND = "session not found (unknown id, or a token that does not open it)"
-WS_NOT_FOUND = "session not found"  # the close reason of a wrong token and of an unknown id
-WS_AUTH = 'auth required: send {"type": "auth", "token": "<token>"} first'
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' ws: wss:; "
@@ -142,25 +140,9 @@ class Refused(HTTPException):
         self.reason = reason
 
 
-async def _maybe(value: Any) -> Any:
-    """Await value if it is awaitable (the client's methods are coroutines; tolerate plain ones)."""
-    return await value if inspect.isawaitable(value) else value
-
-
 def owner_hash(key: str) -> str:
     """What the server stores for an owner key: a salted sha256, never the key itself."""
     return hashlib.sha256(b"lumos-owner\x00" + key.encode()).hexdigest()
-
-
-def public_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a client state dict a token holder may see (drops anything internal)."""
-    out = {key: state.get(key) for key in STATE_KEYS}
-    out["id"] = state.get("id") or state.get("session_id")
-    out["n_frames"] = int(out["n_frames"] or 0)
-    out["target"] = None if out["target"] is None else int(out["target"])
-    out["prompts"] = [list(p) for p in (out["prompts"] or [])]
-    out["settings"] = dict(out["settings"] or {})
-    return jsonable_encoder(out)
 
 
 def _summary(state: dict[str, Any]) -> dict[str, Any]:
@@ -196,12 +178,12 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             return
         from lumos.cluster.client import LumosClient
 
-        started = await _maybe(LumosClient.start(cfg))
+        started = await maybe(LumosClient.start(cfg))
         app.state.client = started
         try:
             yield
         finally:
-            await _maybe(started.close())
+            await maybe(started.close())
 
     app = FastAPI(
         title="Lumos",
@@ -227,7 +209,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
     async def call(coro: Awaitable[Any] | Any, *, conflict: bool = False) -> Any:
         """Await a client call, mapping its errors onto HTTP errors."""
         try:
-            return await _maybe(coro)
+            return await maybe(coro)
         except HTTPException:
             raise
         except AdmissionRefused as e:  # a capacity limit: nothing was stored, retry later
@@ -280,7 +262,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
             raise HTTPException(404, NOT_FOUND)
         client_ = cluster(request)
         try:
-            ok = bool(await _maybe(client_.verify(session_id, token)))
+            ok = bool(await maybe(client_.verify(session_id, token)))
         except (KeyError, ValueError):
             ok = False
         if not ok:
@@ -351,13 +333,13 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         """(the client's health report, the session counts or None if the store failed)."""
         client_ = cluster(request)
         try:
-            report = dict(await _maybe(client_.health()))
+            report = dict(await maybe(client_.health()))
         except Exception as e:
             log.warning("health: %r", e)
             report = {"status": "unavailable", "reason": f"cluster error: {_message(e)}"}
         report["workers"] = [w for w in report.get("workers") or [] if w.get("alive", True)]
         try:
-            active = int(await _maybe(client_.store.active_count()))
+            active = int(await maybe(client_.store.active_count()))
             sessions = {"active": active, "limit": limits.max_sessions}
         except Exception as e:
             log.warning("health: the store failed: %r", e)
@@ -570,150 +552,7 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
     @app.websocket("/api/sessions/{session_id}/stream")
     async def stream(websocket: WebSocket, session_id: str) -> None:
         """Auth message first; then frames from ?from= on, exactly once and in order, live
-        frames and state changes (see the module docstring for the messages and close codes)."""
-        await websocket.accept()
-        lock = asyncio.Lock()
-
-        async def send(message: dict[str, Any]) -> None:
-            async with lock:
-                await websocket.send_json(message)
-
-        async def fail(code: int, message: str) -> None:
-            with contextlib.suppress(Exception):
-                await send({"type": "error", "status": code - 4000, "error": message})
-                await websocket.close(code=code, reason=message[:120])
-
-        raw_from = websocket.query_params.get("from", "0")
-        if not (raw_from.isascii() and raw_from.isdigit()) or len(raw_from) > 9:
-            await fail(4400, "from must be a frame number: 1 to 9 ASCII digits (0-9)")
-            return
-        try:
-            first_message = await asyncio.wait_for(websocket.receive(), AUTH_TIMEOUT_S)
-        except TimeoutError:
-            await fail(4401, WS_AUTH)
-            return
-        if first_message["type"] == "websocket.disconnect":
-            return
-        token = _auth_token(first_message.get("text"))
-        if token is None:
-            await fail(4401, WS_AUTH)
-            return
-        try:
-            state = await authorized(websocket, session_id, token)
-        except HTTPException as e:
-            if e.status_code in (401, 404):
-                await fail(4401, WS_NOT_FOUND)
-            else:
-                await fail(4000 + e.status_code, str(e.detail))
-            return
-        client_ = cluster(websocket)
-        next_seq = int(raw_from)
-
-        async def send_frame(record: Any) -> None:
-            nonlocal next_seq
-            get = record.get if isinstance(record, dict) else lambda k: getattr(record, k, None)
-            seq = int(get("seq"))
-            if seq < next_seq:
-                return  # already sent: exactly once
-            if seq > next_seq:  # a gap in the live stream: fill it from the store, in order
-                for missed in await _maybe(client_.frames(session_id, next_seq, seq)):
-                    await send_frame(missed)
-                if seq != next_seq:
-                    raise RuntimeError(f"frames {next_seq}..{seq - 1} are missing from the store")
-            shape = get("shape")
-            await send(
-                {
-                    "type": "frame",
-                    "seq": seq,
-                    "png": base64.b64encode(bytes(get("pixels") or b"")).decode("ascii"),
-                    "shape": list(shape) if shape is not None else None,
-                    "meta": jsonable_encoder(get("meta") or {}),
-                }
-            )
-            metrics.observe_frame_sent(websocket, record, state)
-            next_seq = seq + 1
-
-        async def pump() -> str:
-            events = client_.subscribe(session_id, from_seq=next_seq, follow=True)
-            if inspect.isawaitable(events):
-                events = await events
-            try:
-                async for event in events:
-                    if isinstance(event, dict) and "pixels" not in event:
-                        await send({"type": "state", **public_state(event)})
-                    else:
-                        await send_frame(event)
-            finally:
-                with contextlib.suppress(Exception):
-                    await _maybe(events.aclose())
-            return "ended"
-
-        async def watch(last: dict[str, Any]) -> str:
-            def key(s: dict[str, Any]) -> tuple:
-                return (s.get("status"), s.get("error"), len(s.get("prompts") or []))
-
-            previous = key(last)
-            while True:
-                await asyncio.sleep(STATE_POLL_S)
-                try:
-                    now = await _maybe(client_.state(session_id))
-                except KeyError:
-                    now = None
-                except Exception as e:  # transient: the frame stream goes on regardless
-                    log.warning("state of %s: %r", session_id, e)
-                    continue
-                if now is None:
-                    return "deleted"
-                if key(now) != previous:
-                    previous = key(now)
-                    await send({"type": "state", **public_state(now)})
-
-        async def receive() -> str:
-            while True:  # the client sends nothing more; text or bytes are ignored
-                if (await websocket.receive())["type"] == "websocket.disconnect":
-                    return "disconnected"
-
-        await send({"type": "state", **public_state(state)})
-        outcome: list[tuple[str | None, Exception | None]] = []
-
-        async def first(fn: Callable[[], Awaitable[str]], tg: Any) -> None:
-            try:
-                outcome.append((await fn(), None))
-            except Exception as e:
-                outcome.append((None, e))
-            tg.cancel_scope.cancel()  # the first task to finish ends the stream
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(first, pump, tg)
-            tg.start_soon(first, lambda: watch(state), tg)
-            tg.start_soon(first, receive, tg)
-        result, exc = outcome[0] if outcome else ("cancelled", None)
-        if exc is not None:
-            if websocket.client_state != WebSocketState.CONNECTED:
-                return
-            if isinstance(exc, KeyError):
-                await fail(4410, "session was deleted")
-            else:
-                log.error("stream of %s failed: %r", session_id, exc)
-                await fail(4503, f"stream failed: {_message(exc)}")
-        elif result == "deleted":
-            await fail(4410, "session was deleted")
-        elif result == "ended":
-            with contextlib.suppress(Exception):
-                await websocket.close(code=1000)
+        frames and state changes (lumos.api.stream; close codes in the module docstring)."""
+        await serve_stream(websocket, session_id, authorized)
 
     return app
-
-
-def _auth_token(text: str | None) -> str | None:
-    """The token of a WebSocket's first message {"type": "auth", "token": "..."}, or None."""
-    if not isinstance(text, str) or len(text) > MAX_AUTH_MESSAGE:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or data.get("type") != "auth":
-        return None
-    token = data.get("token")
-    return token if isinstance(token, str) and token else None

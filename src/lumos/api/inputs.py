@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import logging
 import re
@@ -25,6 +26,11 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
+
+
+async def maybe(value: Any) -> Any:
+    """Await value if it is awaitable (the client's methods are coroutines; tolerate plain ones)."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def error(

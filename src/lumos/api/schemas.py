@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
 
 StrictFloat = Annotated[float, Strict()]  # accepts 7 and 7.5, rejects "7.5", true, NaN (below)
@@ -114,3 +115,17 @@ class RefusalBody(BaseModel):
 
     error: str
     reason: Literal["sessions_cap", "owner_cap", "rate_limit"]
+
+
+STATE_KEYS = tuple(SessionState.model_fields)
+
+
+def public_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a client state dict a token holder may see (drops anything internal)."""
+    out = {key: state.get(key) for key in STATE_KEYS}
+    out["id"] = state.get("id") or state.get("session_id")
+    out["n_frames"] = int(out["n_frames"] or 0)
+    out["target"] = None if out["target"] is None else int(out["target"])
+    out["prompts"] = [list(p) for p in (out["prompts"] or [])]
+    out["settings"] = dict(out["settings"] or {})
+    return jsonable_encoder(out)
