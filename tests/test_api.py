@@ -488,3 +488,16 @@ def test_cancel_stops_a_generation_and_keeps_its_frames(api):
     # a done session can be extended again; cancelling a finished one is harmless
     r = api.http.post(f"/api/sessions/{sid}/cancel", headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "done"
+
+
+def test_a_stream_without_an_auth_message_is_closed(api, done_session, monkeypatch):
+    import lumos.api.stream
+
+    monkeypatch.setattr(lumos.api.stream, "AUTH_TIMEOUT_S", 0.5)  # the server runs in-process
+    started = time.monotonic()
+    with ws_connect(api.ws_url(done_session["id"]), open_timeout=30) as ws:  # sends nothing
+        msg = json.loads(ws.recv(timeout=30))
+        assert msg["type"] == "error" and "auth" in msg["error"], msg
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 4401 and time.monotonic() - started < 10
