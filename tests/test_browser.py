@@ -30,6 +30,7 @@ torch.set_num_threads(1)
 NAMESPACE = f"lumos-browser-test-{uuid.uuid4().hex[:10]}"
 TIMEOUT_MS = 90_000
 PHONE_SHOT = Path("/tmp/lumos-phone-390x844.png")
+PHONE_LIVE_SHOT = Path("/tmp/lumos-phone-390x844-live.png")
 
 # Test instrumentation (not page code): every text the status pill and the aria-live region show.
 RECORD_TEXTS = """
@@ -203,6 +204,21 @@ def test_generate_watch_extend_download_restart_and_reopen(context, served):
     assert not rec.errors, rec.errors
 
 
+def check_fits_390(page) -> None:
+    """No horizontal scroll at 390 px, and no visible element (outside the strip, which scrolls
+    inside itself) reaching past the right edge."""
+    widths = page.evaluate(
+        "({inner: window.innerWidth, doc: document.documentElement.scrollWidth,"
+        " body: document.body.scrollWidth,"
+        " widest: Math.max(...[...document.querySelectorAll('body *')]"
+        "   .filter((e) => e.offsetParent !== null && !e.closest('.filmstrip'))"
+        "   .map((e) => e.getBoundingClientRect().right))})"
+    )
+    assert widths["inner"] == 390, widths
+    assert widths["doc"] <= 390 and widths["body"] <= 390, widths
+    assert widths["widest"] <= 390, widths
+
+
 def test_phone_layout_keyboard_frames_and_model_warning(browser, served):
     from playwright.sync_api import expect
 
@@ -222,16 +238,7 @@ def test_phone_layout_keyboard_frames_and_model_warning(browser, served):
         expect(page.locator("#status")).to_have_text("done")
         expect(page.locator(f'#sessions li[data-id="{session_id}"]')).to_contain_text("4 frames")
         page.screenshot(path=str(PHONE_SHOT), full_page=True)
-        widths = page.evaluate(
-            "({inner: window.innerWidth, doc: document.documentElement.scrollWidth,"
-            " body: document.body.scrollWidth,"
-            " widest: Math.max(...[...document.querySelectorAll('body *')]"
-            "   .filter((e) => e.offsetParent !== null && !e.closest('.filmstrip'))"
-            "   .map((e) => e.getBoundingClientRect().right))})"
-        )
-        assert widths["inner"] == 390, widths
-        assert widths["doc"] <= 390 and widths["body"] <= 390, widths
-        assert widths["widest"] <= 390, widths
+        check_fits_390(page)
 
         # the frames are reachable by keyboard: one tab stop for the strip, arrows move in it
         page.focus("#save-frame")
@@ -261,6 +268,18 @@ def test_phone_layout_keyboard_frames_and_model_warning(browser, served):
         assert live.get_attribute("role") == "status"
         assert live.get_attribute("aria-live") == "polite"
         expect(live).to_have_text("Session done: 4 frames")
+
+        # Live mode on the phone: its controls and figures fit too
+        page.click("#live")
+        expect(page.locator("#live-info")).to_be_visible()
+        page.wait_for_function(
+            "() => Number(document.getElementById('frame-count').textContent) >= 8"
+        )
+        page.screenshot(path=str(PHONE_LIVE_SHOT), full_page=True)
+        check_fits_390(page)
+        page.click("#stop")
+        expect(page.locator("#live")).to_have_attribute("aria-pressed", "false")
+        expect(page.locator("#status")).to_have_text("done")
         assert not rec.errors, rec.errors
     finally:
         context.close()

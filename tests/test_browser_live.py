@@ -129,6 +129,8 @@ def test_live_mode_300_frames_keeps_rate_and_memory_flat(server):
         wait_frames(base + LIVE_FRAMES)
         at300 = sample()
         fps_shown = float(page.inner_text("#fps"))
+        # no announcement per chunk (queued/running/done every 4 frames): only that Live is on
+        expect(page.locator("#announce")).to_contain_text("Live mode on")
         page.click("#stop")
         elapsed = time.monotonic() - start
         expect(page.locator("#live")).to_have_attribute("aria-pressed", "false")

@@ -220,7 +220,8 @@ function setState(state) {
     let text = `Session ${view.status}`;
     if (view.status === "done") text += `: ${view.serverFrames} frames`;
     if (view.status === "failed") text += `: ${state.error || "unknown error"}`;
-    announce(text);
+    // Live mode goes queued -> running -> done every few frames: say only that it is on
+    if (!view.live || view.status === "failed") announce(text);
     if (view.status === "failed") {
       showError(`The generation failed: ${state.error || "unknown error"}`);
       setLive(false);
