@@ -180,6 +180,11 @@ OTHER_API = textwrap.dedent(
             outcome = "extended"
         except ValueError as e:
             outcome = "refused: " + str(e)
+        while True:  # a refusal may come before the other extend has queued the session
+            state = await client.state(sid)
+            if state["n_frames"] == 4 and state["status"] == "done":
+                break
+            await asyncio.sleep(0.1)
         frames = []
         async for f in client.subscribe(sid):
             frames.append([f["seq"], f["pixels"].hex()])
@@ -209,7 +214,7 @@ def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster)
             try:
                 assert other.stdout.readline().strip() == "ready"
                 host = client.host(sid)
-                before = await host.stats.remote()
+                before = {h["index"]: h["activations"] for h in await client.hosts()}
                 other.stdin.write("go\n")
                 other.stdin.flush()
                 try:
@@ -217,6 +222,12 @@ def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster)
                     mine = "extended"
                 except ValueError as e:
                     mine = f"refused: {e}"
+
+                async def done():
+                    state = await client.state(sid)
+                    return state["n_frames"] == 4 and state["status"] == "done"
+
+                await wait_for(done, timeout_s=120)
                 got = await collect(client.subscribe(sid))
                 out, _ = await asyncio.to_thread(other.communicate, timeout=120)
             finally:
@@ -229,9 +240,9 @@ def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster)
             assert "already generating" in outcomes[1]
             await assert_complete(client, sid, 4, got)
             assert theirs["frames"] == [[f["seq"], f["pixels"].hex()] for f in got]
-            after = await host.stats.remote()
-            assert after["activations"] == before["activations"]  # still the same activation
-            assert shard_of(sid, 2) == after["index"]
+            after = {h["index"]: h["activations"] for h in await client.hosts()}
+            assert after == before  # no host activated it again: still the one activation
+            assert sid in await host.active.remote() and shard_of(sid, 2) in after
         finally:
             await client.close()
 
