@@ -1,15 +1,16 @@
 """Live mode of the web viewer over 300 frames, in Debian's Chromium on the real stack.
 
 The page keeps extending the session (one small chunk at a time) until Stop; a prompt typed on
-the way applies from the next chunk. Checked between frame 50 and frame 300: the JS heap (after
-a forced GC, CDP `Performance.getMetrics` JSHeapUsedSize) and the DOM node count stay flat and
-the thumbnail strip stays windowed; over the first and the last 100 frames the page shows frames
-as fast as the worker commits them (frames/s shown vs committed, from each frame's
-`meta.committed_at`) and its delay from commit to shown does not grow. The frames/s received
-over the first and last 100 frames are printed too, but not compared with each other: that rate
-is the generator's, and on a shared 2-core box it swings with the load. An old frame no longer
-in memory is fetched again with the bearer header. The random tiny model at one sampling step
-keeps it to a minute or two. Figures are printed and written to /tmp/lumos-live.json.
+the way applies from the next chunk, or with Enter from the next frame. Checked between frame 50
+and frame 300: the JS heap (after a forced GC, CDP `Performance.getMetrics` JSHeapUsedSize) and
+the DOM node count stay flat and the thumbnail strip stays windowed; over the first and the last
+100 frames the page shows frames as fast as the worker commits them (frames/s shown vs
+committed, from each frame's `meta.committed_at`) and its delay from commit to shown does not
+grow. The frames/s received over the first and last 100 frames are printed too, but not compared
+with each other: that rate is the generator's, and on a shared 2-core box it swings with the
+load. An old frame no longer in memory is fetched again with the bearer header. The random tiny
+model at one sampling step keeps it to a minute or two. Figures are printed and written to
+/tmp/lumos-live.json.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def test_live_mode_300_frames_keeps_rate_and_memory_flat(server):
         typed_at = int(page.inner_text("#frame-count"))
         page.fill("#extend-prompt", "a red sneaker moves up")  # applies from the next chunk
         expect(page.locator("#current-prompt")).to_have_text("a red sneaker moves up")
+        wait_frames(base + 220)
+        entered_at = int(page.inner_text("#frame-count"))
+        page.fill("#extend-prompt", "a blue ball moves down")
+        page.press("#extend-prompt", "Enter")  # ... and with Enter from the next frame
+        expect(page.locator("#current-prompt")).to_have_text("a blue ball moves down")
         wait_frames(base + LIVE_FRAMES)
         at300 = sample()
         fps_shown = float(page.inner_text("#fps"))
@@ -173,7 +179,9 @@ def test_live_mode_300_frames_keeps_rate_and_memory_flat(server):
         state = page.request.get(f"{server.url}api/sessions/{session_id}", headers=headers).json()
         assert state["n_frames"] == final and state["status"] == "done", state
         starts = [p[0] for p in state["prompts"] if p[1] == "a red sneaker moves up"]
-        assert len(starts) == 1 and typed_at < starts[0] <= typed_at + 12, (typed_at, state)
+        assert len(starts) == 1 and typed_at < starts[0] <= typed_at + 8, (typed_at, state)
+        starts = [p[0] for p in state["prompts"] if p[1] == "a blue ball moves down"]
+        assert len(starts) == 1 and entered_at <= starts[0] <= entered_at + 2, (entered_at, state)
 
         # frame 0 left memory long ago: seeking to it fetches it with the bearer header
         page.eval_on_selector(

@@ -1,8 +1,9 @@
 // Lumos viewer: create a session, watch its frames stream in over a WebSocket, extend it (once, or
 // continuously in Live mode), stop it, download it as mp4, and reopen earlier sessions whose
 // tokens this browser keeps. The session token travels only in an Authorization header or in the
-// WebSocket's first message, never in a URL or in the page.
-"use strict";
+// WebSocket's first message, never in a URL or in the page. Keys, HTTP calls and the offline
+// banner are in net.js.
+import { api, hooks, keys, probe, request } from "./net.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -12,36 +13,6 @@ const LIVE_CHUNK = 4; // frames asked for per extend in Live mode
 const FPS_WINDOW = 30; // frames/s is measured over the last this many frames
 const REFUSED = [4400, 4401, 4403, 4404, 4410]; // stream close codes a retry cannot fix
 const STATUS_TEXT = { queued: "queued", running: "running", done: "done", idle: "done", failed: "failed" };
-
-const keys = {
-  owner() {
-    let key = localStorage.getItem("lumos.owner");
-    if (!key || !/^[A-Za-z0-9_-]{16,128}$/.test(key)) {
-      const bytes = crypto.getRandomValues(new Uint8Array(24));
-      key = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-      localStorage.setItem("lumos.owner", key);
-    }
-    return key;
-  },
-  tokens() {
-    try {
-      const value = JSON.parse(localStorage.getItem("lumos.tokens") || "{}");
-      return value && typeof value === "object" ? value : {};
-    } catch {
-      return {};
-    }
-  },
-  save(id, token) {
-    const all = this.tokens();
-    all[id] = token;
-    localStorage.setItem("lumos.tokens", JSON.stringify(all));
-  },
-  drop(id) {
-    const all = this.tokens();
-    delete all[id];
-    localStorage.setItem("lumos.tokens", JSON.stringify(all));
-  },
-};
 
 // The open session and its stream.
 const view = {
@@ -66,8 +37,8 @@ const view = {
   times: [], // arrival times of the last FPS_WINDOW frames (ms)
 };
 
-// The server's limits and reachability.
-const server = { limits: null, offline: false, delay: 1000, timer: null };
+// The server's limits (from /api/config).
+const server = { limits: null };
 
 const busy = () => view.status === "queued" || view.status === "running";
 
@@ -79,46 +50,6 @@ function showError(message) {
 
 function announce(message) {
   $("announce").textContent = message;
-}
-
-class ApiError extends Error {
-  constructor(message, status, offline = false) {
-    super(message);
-    this.status = status;
-    this.offline = offline;
-  }
-}
-
-const OFFLINE = "Cannot reach the Lumos server.";
-
-async function request(method, path, { body, token, owner = true } = {}) {
-  const headers = {};
-  if (owner) headers["X-Lumos-Owner"] = keys.owner();
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (token) headers.Authorization = `Bearer ${token}`;
-  let res;
-  try {
-    res = await fetch(path, {
-      method,
-      headers,
-      cache: "no-store",
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch {
-    reportOffline();
-    throw new ApiError(OFFLINE, 0, true);
-  }
-  if (server.offline) backOnline();
-  if (!res.ok) {
-    const data = await res.json().catch(() => null);
-    throw new ApiError((data && data.error) || `${res.status} ${res.statusText}`, res.status);
-  }
-  return res;
-}
-
-async function api(method, path, body, token) {
-  const res = await request(method, path, { body, token });
-  return res.status === 204 ? null : res.json();
 }
 
 // An error for the person: offline is told by the banner, everything else here.
@@ -151,52 +82,6 @@ function pngUrl(b64) {
   return URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
 }
 
-// -- reachability ------------------------------------------------------------------------
-
-function reportOffline() {
-  if (!server.offline) {
-    server.offline = true;
-    server.delay = 1000;
-    announce("Lost contact with the Lumos server; retrying.");
-    scheduleProbe();
-  }
-  $("offline").hidden = false;
-}
-
-function scheduleProbe() {
-  clearTimeout(server.timer);
-  const seconds = Math.round(server.delay / 1000);
-  $("offline-text").textContent =
-    `${OFFLINE} It may be restarting, or this device may be offline. ` +
-    `Trying again in ${seconds} s.`;
-  server.timer = setTimeout(probe, server.delay);
-  server.delay = Math.min(server.delay * 2, 30000);
-}
-
-async function probe() {
-  clearTimeout(server.timer);
-  $("offline-text").textContent = `${OFFLINE} Trying again now...`;
-  try {
-    await fetch("/api/config", { cache: "no-store" }); // any answer means it is reachable
-  } catch {
-    if (server.offline) scheduleProbe();
-    else reportOffline();
-    return;
-  }
-  backOnline();
-}
-
-function backOnline() {
-  if (!server.offline) return;
-  server.offline = false;
-  clearTimeout(server.timer);
-  $("offline").hidden = true;
-  announce("Connected to the Lumos server again.");
-  loadConfig();
-  loadSessions();
-  if (view.id && !view.socket) connect();
-  if (view.live) liveStep();
-}
 
 // -- rendering ----------------------------------------------------------------------------
 
@@ -562,6 +447,17 @@ async function cancel() {
   }
 }
 
+// Enter in the prompt box during Live mode: the new prompt applies from the very next frame
+// (the frame in progress is dropped: cancel, and the next extend carries the prompt).
+async function promptNow(event) {
+  if (event.key !== "Enter" || !view.live) return;
+  event.preventDefault();
+  const typed = $("extend-prompt").value.trim();
+  if (!typed || typed === currentPrompt()) return;
+  if (busy()) await cancel(); // its state (done) starts the next extend, with the new prompt
+  else liveStep();
+}
+
 async function stop() {
   const wasBusy = busy();
   setLive(false);
@@ -723,9 +619,19 @@ async function loadConfig() {
   $("random-warning").hidden = !config.random_weights;
 }
 
+// The server answers again: reload what the page shows and resume the stream and Live mode.
+hooks.announce = announce;
+hooks.onBack = () => {
+  loadConfig();
+  loadSessions();
+  if (view.id && !view.socket) connect();
+  if (view.live) liveStep();
+};
+
 document.addEventListener("DOMContentLoaded", () => {
   $("create-form").addEventListener("submit", generate);
   $("extend-form").addEventListener("submit", extend);
+  $("extend-prompt").addEventListener("keydown", promptNow);
   $("refresh").addEventListener("click", loadSessions);
   $("retry").addEventListener("click", probe);
   $("play").addEventListener("click", togglePlay);
