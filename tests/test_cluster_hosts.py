@@ -175,6 +175,9 @@ OTHER_API = textwrap.dedent(
         client = await LumosClient.start(cfg)
         print("ready", flush=True)
         sys.stdin.readline()
+        await client.cancel(sid)  # a call that activates the grain (it is inactive now)
+        print("called", flush=True)
+        sys.stdin.readline()
         try:
             await client.extend(sid, 3)
             outcome = "extended"
@@ -197,7 +200,7 @@ OTHER_API = textwrap.dedent(
 
 
 def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster):
-    config = cfg()
+    config = cfg(session_idle_s=3.0)
 
     async def body():
         client = await LumosClient.start(config)
@@ -205,6 +208,10 @@ def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster)
             st, _ = await client.create_session("a bag", 1, steps=2, cfg_scale=2.0, seed=2)
             sid = st["id"]
             await collect(client.subscribe(sid))
+
+            async def inactive():
+                return sid not in await client.host(sid).active.remote()
+
             other = subprocess.Popen(
                 [sys.executable, "-c", OTHER_API, ray_cluster, NAMESPACE, config.store_url, sid],
                 stdin=subprocess.PIPE,
@@ -214,8 +221,16 @@ def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster)
             try:
                 assert other.stdout.readline().strip() == "ready"
                 host = client.host(sid)
-                before = {h["index"]: h["activations"] for h in await client.hosts()}
-                other.stdin.write("go\n")
+                await wait_for(inactive, timeout_s=30)
+                before = sum(h["activations"] for h in await client.hosts())
+                other.stdin.write("go\n")  # both processes call the inactive session at once
+                other.stdin.flush()
+                await client.cancel(sid)
+                line = await asyncio.to_thread(other.stdout.readline)
+                assert line.strip() == "called"
+                after = sum(h["activations"] for h in await client.hosts())
+                assert after == before + 1  # one activation for the two calls, cluster-wide
+                other.stdin.write("go\n")  # and both extend it at once
                 other.stdin.flush()
                 try:
                     await client.extend(sid, 3)
@@ -240,9 +255,7 @@ def test_two_api_processes_on_one_session_share_one_activation(cfg, ray_cluster)
             assert "already generating" in outcomes[1]
             await assert_complete(client, sid, 4, got)
             assert theirs["frames"] == [[f["seq"], f["pixels"].hex()] for f in got]
-            after = {h["index"]: h["activations"] for h in await client.hosts()}
-            assert after == before  # no host activated it again: still the one activation
-            assert sid in await host.active.remote() and shard_of(sid, 2) in after
+            assert shard_of(sid, 2) == (await host.stats.remote())["index"]
         finally:
             await client.close()
 
