@@ -155,6 +155,8 @@ def test_delete_and_deactivation_free_the_kv_cache_and_subscribers_do_not_pin(cf
             assert after["cached_sessions"] == before["cached_sessions"] - 1
             await asyncio.wait_for(follower, 30)  # the subscriber ends: the session is gone
             assert [f["seq"] for f in live] == [2, 3]
+            stats = await client.host(sid).stats.remote()
+            assert stats["subscribed"] == 0 and stats["events"] == 0  # nothing left behind
         finally:
             await client.close()
 

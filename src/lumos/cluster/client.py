@@ -123,7 +123,7 @@ class LumosClient:
     async def hosts(self) -> list[dict]:
         """Each session host's stats (active grains, RSS, node); an unreachable one is left out."""
         out = await asyncio.gather(
-            *(asyncio.wait_for(h.stats.remote(), 10) for h in self._hosts), return_exceptions=True
+            *(asyncio.wait_for(h.stats.remote(), 3) for h in self._hosts), return_exceptions=True
         )
         return [s for s in out if isinstance(s, dict)]
 

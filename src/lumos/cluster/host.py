@@ -56,6 +56,7 @@ class SessionHost:
         self.sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}  # session id -> polls waiting on its event
         self._sweeper: asyncio.Task | None = None
         self.started_at = time.time()
         self.activations = 0
@@ -135,12 +136,27 @@ class SessionHost:
         event = self._changed.setdefault(session_id, asyncio.Event())  # before the snapshot
         out = await self._snapshot(session_id, after_seq)
         if not out["frames"] and timeout_s > 0 and (follow or out["status"] in ACTIVE_STATUSES):
+            self._waiting[session_id] = self._waiting.get(session_id, 0) + 1
             try:
                 await asyncio.wait_for(event.wait(), timeout_s)
             except TimeoutError:
                 return out
+            finally:
+                self._forget_event(session_id, event)
             out = await self._snapshot(session_id, after_seq)
+        else:
+            self._forget_event(session_id, event, waited=False)
         return out
+
+    def _forget_event(self, session_id: str, event: asyncio.Event, waited: bool = True) -> None:
+        """Drop a session's event once no poll waits on it (the table stays bounded)."""
+        left = self._waiting.get(session_id, 0) - (1 if waited else 0)
+        if left > 0:
+            self._waiting[session_id] = left
+            return
+        self._waiting.pop(session_id, None)
+        if self._changed.get(session_id) is event:
+            del self._changed[session_id]
 
     async def _snapshot(self, session_id: str, after_seq: int) -> dict:
         grain = self.sessions.get(session_id)
@@ -196,7 +212,8 @@ class SessionHost:
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
             "active": len(self.sessions),
-            "subscribed": len(self._changed),
+            "subscribed": sum(self._waiting.values()),
+            "events": len(self._changed),
             "activations": self.activations,
             "deactivations": self.deactivations,
             "rss_bytes": rss_bytes(),
