@@ -396,3 +396,48 @@ def test_a_hundred_sessions_live_as_grains_in_two_hosts_all_reachable(cfg):
             await client.close()
 
     run(body())
+
+
+def test_an_open_websocket_does_not_keep_its_session_active(cfg):
+    from websockets.sync.client import connect as ws_connect
+
+    config = cfg(session_idle_s=1.0)
+    server = Server(config, ws_ping_interval=None)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=60)
+    try:
+        r = http.post("/api/sessions", json={"prompt": "a coat", "frames": 2, "steps": 2})
+        assert r.status_code == 201, r.text
+        sid, token = r.json()["id"], r.json()["token"]
+        hosts = [
+            ray.get_actor(runtime.host_name(config.store_url, i), namespace=NAMESPACE)
+            for i in range(2)
+        ]
+        host = hosts[shard_of(sid, 2)]
+        url = f"ws://127.0.0.1:{server.port}/api/sessions/{sid}/stream?from=0"
+        with ws_connect(url, open_timeout=30) as ws:
+            ws.send(json.dumps({"type": "auth", "token": token}))
+
+            def frames(n: int) -> list[int]:
+                seqs = []
+                while len(seqs) < n:
+                    msg = json.loads(ws.recv(timeout=120))
+                    assert msg["type"] != "error", msg
+                    if msg["type"] == "frame":
+                        seqs.append(msg["seq"])
+                return seqs
+
+            assert frames(2) == [0, 1]
+            deadline = time.monotonic() + 30
+            while sid in ray.get(host.active.remote()):  # deactivates, the socket still open
+                assert time.monotonic() < deadline, "an open WebSocket kept the session active"
+                time.sleep(0.2)
+            r = http.post(
+                f"/api/sessions/{sid}/extend",
+                json={"frames": 2},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 202, r.text
+            assert frames(2) == [2, 3]  # re-activated on the next call; the same socket follows
+    finally:
+        http.close()
+        server.stop()
