@@ -4,12 +4,15 @@ A head node (the API, the driver) and two worker nodes, each advertising one `lu
 custom resource standing for its GPU) and holding one supervised worker pinned to it, as
 `lumos worker --resources '{"lumos_gpu": 1}'` does. The API is `create_app` served by uvicorn in
 this process, with no local workers (`lumos serve --workers 0`); subscribers are WebSockets.
+Three losses mid-generation, in this order: node a's worker process, both session hosts, the
+whole of node a; each time every session ends with frames 0..n-1 exactly once, in order.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -80,8 +83,9 @@ def watch(port: int, sid: str, token: str, n: int, out: list, errors: list) -> N
         errors.append(e)
 
 
-def test_a_node_killed_mid_session_its_sessions_finish_on_the_other(nodes):
-    cluster, workers, names, cfg = nodes
+def run_sessions_and_kill(cfg, kill) -> tuple[dict, dict]:
+    """4 WebSocket sessions of 8 frames; kill(placed) once each has 2 frames; every session
+    must end with frames 0..7 exactly once, in order, done and stored. Returns (placed, got)."""
     server = Server(cfg)
     http = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=60)
     try:
@@ -110,9 +114,7 @@ def test_a_node_killed_mid_session_its_sessions_finish_on_the_other(nodes):
             return http.get(f"/api/sessions/{sid}", headers={"Authorization": f"Bearer {tok}"})
 
         placed = {sid: state(sid, tok).json()["worker"] for sid, tok in sessions}
-        assert set(placed.values()) == set(names.values()), placed  # spread over both nodes
-        cluster.remove_node(workers["a"], allow_graceful=False)  # its raylet and workers
-        lost = [sid for sid, w in placed.items() if w == names["a"]]
+        kill(placed)
         for t in threads:
             t.join(timeout=300)
         assert not errors, errors
@@ -126,10 +128,52 @@ def test_a_node_killed_mid_session_its_sessions_finish_on_the_other(nodes):
                     headers={"Authorization": f"Bearer {tok}"},
                 )
                 assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
-        for sid in lost:
-            assert got[sid][-1]["meta"]["worker"] == names["b"]  # finished on the other node
-        health = http.get("/api/health")
-        assert health.status_code == 200 and health.json()["workers"] == 1
+        return placed, got
     finally:
         http.close()
+        server.stop()
+
+
+def test_a_worker_process_killed_on_one_node(nodes):
+    cluster, workers, names, cfg = nodes
+    handle = ray.get_actor(names["a"], namespace=NAMESPACE)
+    pid = ray.get(handle.info.remote())["pid"]
+    placed, _ = run_sessions_and_kill(cfg, lambda placed: os.kill(pid, signal.SIGKILL))
+    assert set(placed.values()) == set(names.values()), placed  # spread over both nodes
+    info = ray.get(handle.info.remote(), timeout=120)
+    assert info["pid"] != pid  # restarted on its node (pinned there)
+
+
+def test_a_session_host_killed(nodes):
+    cluster, workers, names, cfg = nodes
+    hosts = [
+        ray.get_actor(runtime.host_name(cfg.store_url, i), namespace=NAMESPACE) for i in range(2)
+    ]
+    pids = [s["pid"] for s in ray.get([h.stats.remote() for h in hosts])]
+
+    def kill(placed):
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # both silos: every session re-activates
+
+    run_sessions_and_kill(cfg, kill)
+    after = [s["pid"] for s in ray.get([h.stats.remote() for h in hosts])]
+    assert not set(after) & set(pids)
+
+
+def test_a_node_killed_mid_session_its_sessions_finish_on_the_other(nodes):
+    cluster, workers, names, cfg = nodes
+
+    def kill(placed):
+        cluster.remove_node(workers["a"], allow_graceful=False)  # its raylet and workers
+
+    placed, got = run_sessions_and_kill(cfg, kill)
+    assert set(placed.values()) == set(names.values()), placed  # spread over both nodes
+    lost = [sid for sid, w in placed.items() if w == names["a"]]
+    for sid in lost:
+        assert got[sid][-1]["meta"]["worker"] == names["b"]  # finished on the other node
+    server = Server(cfg)
+    try:
+        health = httpx.get(f"http://127.0.0.1:{server.port}/api/health", timeout=60)
+        assert health.status_code == 200 and health.json()["workers"] == 1
+    finally:
         server.stop()
