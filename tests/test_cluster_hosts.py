@@ -441,3 +441,20 @@ def test_an_open_websocket_does_not_keep_its_session_active(cfg):
     finally:
         http.close()
         server.stop()
+
+
+def test_cli_refuses_bad_cluster_flags(capsys):
+    from lumos.cluster.serve import build_config, worker_main
+
+    assert build_config(["--session-hosts", "3"]).session_hosts == 3
+    for argv, words in (
+        (["--session-hosts", "0"], "session_hosts must be >= 1"),
+        (["--workers", "-1"], "workers must be >= 0"),
+    ):
+        with pytest.raises(SystemExit):
+            build_config(argv)
+        assert words in capsys.readouterr().err
+    for bad in ("[1]", '{"lumos_gpu": 0}', "not json"):
+        with pytest.raises(SystemExit):
+            worker_main(["--resources", bad])
+        assert "--resources must be a JSON object of positive numbers" in capsys.readouterr().err
