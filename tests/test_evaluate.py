@@ -15,9 +15,11 @@ from lumos.evaluate import (
     classifier_accuracy,
     clip_features,
     confusion,
+    evaluate_tokenizer,
     frechet_distance,
     load_classifier,
     main,
+    motion,
     per_frame,
     score_clip,
     select_prompts,
@@ -252,3 +254,60 @@ def test_package_reexports_every_public_name():
     for name in pkg.__all__:
         assert getattr(pkg, name) is not None, name
     assert pkg.CLASSIFIER_DIR.is_dir() and (pkg.CLASSIFIER_DIR / pkg.WEIGHTS_FILE).is_file()
+
+
+def test_motion_breakdown(clf, real_clips):
+    items = [
+        it
+        for c in real_clips[:8]
+        for it in score_clip(c.video, [i.spec for i in c.items], clf)["items"]
+    ]
+    m = motion(items)
+    assert sum(m["kinds"].values()) == len(items) and m["kinds"]["right"] >= len(items) - 1
+    assert m["speed_px"]["slowly"] < 1.6 < 2.4 < m["speed_px"]["quickly"]  # 1 and 3 px/frame
+    assert m["jump_rate"] < 0.05
+    base = {"colour_present": 1.0, "speed": "slowly", "jump_rate": 0.5}
+    made = [
+        {**base, "direction": "left", "pred_direction": "right", "velocity": [0, 1]},
+        {**base, "direction": "left", "pred_direction": "up", "velocity": [-1, 0]},
+        {**base, "direction": "up", "pred_direction": None, "velocity": [0, 0]},
+        {**base, "direction": "up", "pred_direction": "up", "velocity": [-2, 0]},
+        {**base, "colour_present": 0.0, "direction": "up", "pred_direction": None},
+    ]
+    got = motion(made)
+    assert got["kinds"] == {"right": 1, "static": 1, "opposite": 1, "other_axis": 1}
+    assert got["speed_px"] == {"slowly": 2.0} and got["jump_rate"] == 0.5
+
+
+def test_jumping_item_is_counted(clf):
+    # one item whose second half is drawn 18 px to the side: one jump in 15 frame pairs
+    clip = make_clip(np.random.default_rng(3), MovingFashionConfig(frames=16), "test",
+                     spec=[ItemSpec("bag", "red", "down", "slowly")])  # fmt: skip
+    video = clip.video.copy()
+    x0 = int(clip.items[0].positions[:, 1].min())
+    shift = 18 if x0 <= 18 else -18  # stays inside the 64 px frame
+    video[8:] = np.roll(video[8:], shift, axis=2)
+    jr = score_clip(video, [ItemSpec("bag", "red", "down")], clf)["items"][0]["jump_rate"]
+    assert jr == pytest.approx(1 / 15)
+    assert (
+        score_clip(clip.video, [ItemSpec("bag", "red", "down")], clf)["items"][0]["jump_rate"] == 0
+    )
+
+
+def test_tokenizer_ceiling_of_the_bundled_tokenizer(clf):
+    from lumos.pipeline import Pipeline
+
+    r = evaluate_tokenizer(Pipeline.from_folder(), "heldout", 3, [0], 16, clf)
+    assert r["n_clips"] == 3 and r["colour_accuracy"] == 1.0 and r["direction_accuracy"] >= 0.75
+
+
+def test_main_tokenizer_ceiling_and_motion(tmp_path, capsys):
+    path = tmp_path / "tok.json"
+    argv = ["--model", "random", "--split", "heldout", "--prompts", "1", "--steps", "1"]
+    argv += ["--frames", "4", "--tokenizer-ceiling", "--motion", "--json", str(path), "-q"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokenized real heldout" in out and "heldout motion:" in out
+    r = json.loads(path.read_text())
+    assert r["tokenizer"]["heldout"]["n_clips"] == 1
+    assert set(r["splits"]["heldout"]["motion"]) == {"kinds", "speed_px", "jump_rate"}

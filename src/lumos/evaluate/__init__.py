@@ -46,10 +46,11 @@ from lumos.evaluate.metrics import (
     clip_features,
     confusion,
     frechet_distance,
+    motion,
     per_frame,
     score_clip,
 )
-from lumos.evaluate.run import evaluate, evaluate_real, select_prompts
+from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer, select_prompts
 from lumos.evaluate.tracker import ItemTrack, assign_colours, track_items
 
 __all__ = [
@@ -73,6 +74,8 @@ __all__ = [
     "format_per_frame",
     "confusion",
     "per_frame",
+    "motion",
+    "evaluate_tokenizer",
     "METRICS",
     "WEIGHTS_FILE",
     "META_FILE",

@@ -11,7 +11,7 @@ from typing import Any
 from lumos.data import CLASSES
 from lumos.devices import DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
-from lumos.evaluate.run import evaluate, evaluate_real
+from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer
 
 
 def _fmt(v: Any) -> str:
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
     p.add_argument("--real-only", action="store_true", help="score real clips only, no model")
+    p.add_argument(
+        "--tokenizer-ceiling",
+        action="store_true",
+        help="also score the real clips after a round trip through the model's tokenizer",
+    )
     p.add_argument("--classifier", default=None, help="classifier folder (default: bundled)")
     p.add_argument(
         "--train-classifier",
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--per-frame", action="store_true", help="also print presence/class/identity per frame"
+    )
+    p.add_argument(
+        "--motion", action="store_true", help="also print how directions go wrong, speeds, jumps"
     )
     p.add_argument("--epochs", type=int, default=3, help="epochs for --train-classifier")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -181,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             results["splits"][s] = r
             rows[s] = r
+        if args.tokenizer_ceiling:
+            results["tokenizer"] = {}
+            for s in splits:
+                r = evaluate_tokenizer(pipe, s, args.prompts, seeds, frames, classifier, log)
+                results["tokenizer"][s] = r
+                rows[f"tokenized real {s}"] = r
     if args.real or args.real_only:
         frames = results["settings"]["frames"] or 16
         results["real"] = {}
@@ -195,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{format_confusion(r['confusion'], name)}")
         if args.per_frame:
             print(f"\n{format_per_frame(r['per_frame'], name)}")
+        if args.motion:
+            m = r["motion"]
+            print(f"\n{name} motion: {m['kinds']}, px/frame when right {m['speed_px']}, "
+                  f"jump rate {_fmt(m['jump_rate'])}")  # fmt: skip
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lumos.data import CLASSES, ItemSpec
+from lumos.data import CLASSES, DIRECTION_VECTORS, ItemSpec
 from lumos.evaluate.classifier import FashionClassifier, load_classifier
 from lumos.evaluate.tracker import ItemTrack, _as_video, track_items
 
+JUMP_FRACTION = 0.125  # a centroid step over 1/8 of the frame width (8 px at 64) is a jump
 METRICS = ("class_accuracy", "colour_accuracy", "direction_accuracy", "identity_consistency")
 
 
 def _specs(specs: Sequence[Any]) -> list[ItemSpec]:
     return [s if isinstance(s, ItemSpec) else ItemSpec(*s) for s in specs]
+
+
+def _jump_rate(centroids: np.ndarray, present: np.ndarray, width: int) -> float | None:
+    """Fraction of consecutive present frames whose centroid ``[T, 2]`` moves more than
+    ``JUMP_FRACTION`` of the frame width (items move 1-3 px a frame at 64 px: 8 px is a jump)."""
+    both = present[1:] & present[:-1]  # [T-1]
+    if not both.any():
+        return None
+    step = np.linalg.norm(np.diff(centroids, axis=0), axis=1)[both]  # [n]
+    return float((step > JUMP_FRACTION * width).mean())
 
 
 def score_clip(
@@ -38,7 +49,8 @@ def score_clip(
     ``identity_consistency`` are means over its items (direction: over items with one, None if
     none); ``all_correct`` whether every item got class, colour and direction right. Each item
     also lists ``frame_classes``, the class predicted in each frame (None where the colour is
-    absent), for :func:`confusion` and :func:`per_frame`.
+    absent), for :func:`confusion` and :func:`per_frame`, its asked ``speed`` and ``jump_rate``
+    (see :func:`motion`).
     """
     specs = _specs(specs)
     if not specs:
@@ -67,6 +79,8 @@ def score_clip(
                 ),
                 "identity_consistency": tr.consistency,
                 "frame_classes": [CLASSES[int(c)] if c >= 0 else None for c in tr.preds],
+                "speed": s.speed,
+                "jump_rate": _jump_rate(tr.centroids, tr.present, video.shape[2]),
             }
         )
     dirs = [it["direction_correct"] for it in items if it["direction_correct"] is not None]
@@ -159,4 +173,35 @@ def per_frame(items: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
         "present": present.mean(0).round(4).tolist(),
         "class": (present & (fc == asked)).mean(0).round(4).tolist(),
         "identity": (present & (fc == major)).mean(0).round(4).tolist(),
+    }
+
+
+def motion(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the motion of :func:`score_clip` items (found, with an asked direction) goes wrong.
+
+    ``kinds``: counts of ``right``, ``static`` (no measurable motion), ``opposite`` and
+    ``other_axis`` directions; ``speed_px``: mean measured px/frame of the rightly moving items
+    per asked speed word; ``jump_rate``: mean fraction of frame pairs whose centroid jumps
+    (position not continuous: the item vanishes and reappears elsewhere, or changes shape).
+    """
+    kinds = {"right": 0, "static": 0, "opposite": 0, "other_axis": 0}
+    speeds: dict[str, list[float]] = {}
+    for it in items:
+        if not it["colour_present"] or it["direction"] is None:
+            continue
+        got, want = it["pred_direction"], it["direction"]
+        if got == want:
+            kinds["right"] += 1
+            speeds.setdefault(str(it.get("speed")), []).append(max(map(abs, it["velocity"])))
+        elif got is None:
+            kinds["static"] += 1
+        elif np.dot(DIRECTION_VECTORS[got], DIRECTION_VECTORS[want]) < 0:
+            kinds["opposite"] += 1
+        else:
+            kinds["other_axis"] += 1
+    jumps = [it["jump_rate"] for it in items if it.get("jump_rate") is not None]
+    return {
+        "kinds": kinds,
+        "speed_px": {k: round(float(np.mean(v)), 3) for k, v in sorted(speeds.items())},
+        "jump_rate": round(float(np.mean(jumps)), 4) if jumps else None,
     }

@@ -2,7 +2,8 @@
 
 :func:`evaluate` generates with a pipeline; :func:`evaluate_real` scores real clips from
 :func:`~lumos.data.make_clip` with the prompts' specs (the ceiling of every score, and a check of
-the tracker).
+the tracker); :func:`evaluate_tokenizer` the same real clips through the pipeline's visual
+tokenizer (the ceiling of a model on those codes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lumos.evaluate.metrics import (
     clip_features,
     confusion,
     frechet_distance,
+    motion,
     per_frame,
     score_clip,
 )
@@ -74,6 +76,7 @@ def _aggregate(
         "all_correct": float(np.mean([s["all_correct"] for s in scores])),
         "confusion": confusion(items),
         "per_frame": per_frame(items),
+        "motion": motion(items),
     }
     for key, name in (("items", "frechet_distance"), ("frames", "frechet_distance_frames")):
         a = np.concatenate([f[key] for f in feats])
@@ -135,7 +138,9 @@ def evaluate(
     ``frechet_distance`` (item crops) and ``frechet_distance_frames`` (whole frames) to real
     clips of the same specs, counts, ``"confusion"`` (asked class -> predicted class counts)
     and ``"per_frame"`` (presence, class and identity per frame; see
-    :func:`~lumos.evaluate.metrics.per_frame`), and the per-clip scores under ``"clips"``.
+    :func:`~lumos.evaluate.metrics.per_frame`), ``"motion"`` (how directions go wrong, measured
+    speeds, position jumps; :func:`~lumos.evaluate.metrics.motion`), and the per-clip scores
+    under ``"clips"``.
     """
     frames = frames or getattr(getattr(pipeline, "settings", None), "frames", 16)
 
@@ -162,5 +167,28 @@ def evaluate_real(
 
     def make(caption: str, specs: list[ItemSpec], p: int, seed: int) -> np.ndarray:
         return _real_clip(specs, split, frames, seed, p)
+
+    return _run(make, split, n_prompts, seeds, frames, classifier, 10_000, log)
+
+
+def evaluate_tokenizer(
+    pipeline: Any,
+    split: str = "heldout",
+    n_prompts: int | None = None,
+    seeds: int | Sequence[int] = 1,
+    frames: int = 16,
+    classifier: FashionClassifier | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The scores of :func:`evaluate_real`'s real clips after a round trip through the
+    pipeline's visual tokenizer (``pipeline.visual.encode`` then ``pipeline.decode``): the
+    ceiling of a model that predicts the real clips' codes exactly."""
+    import torch
+
+    def make(caption: str, specs: list[ItemSpec], p: int, seed: int) -> np.ndarray:
+        real = _real_clip(specs, split, frames, seed, p)  # [T, H, W, 3]
+        with torch.no_grad():
+            codes = pipeline.visual.encode(torch.from_numpy(real))  # [t, h, w]
+            return _as_video(pipeline.decode(codes))[:frames]
 
     return _run(make, split, n_prompts, seeds, frames, classifier, 10_000, log)
