@@ -13,8 +13,9 @@ background:
     -> worker.run({..., given = every stored frame}) streams committed frames
     -> each frame: store.append_frame FIRST (seq = frames so far; idempotent), THEN publish.
 
-Statuses (store.STATUSES): "queued" from extend until a worker streams, "running" while one does,
-"done" when the target is reached or the generation is cancelled, "failed" with `error`.
+Statuses (store.STATUSES): "queued" from extend until a worker accepts the request, "running"
+while one holds it, "done" when the target is reached or the generation is cancelled, "failed"
+with `error`.
 
 If the worker dies mid-stream the loop picks a worker again (the restarted one, or another) and
 asks for the remaining frames with the stored ones as `given` (the KV cache is rebuilt by one
@@ -264,6 +265,8 @@ class Session:
             item = await ref
             if self.meta.worker != name or self.meta.status != "running":
                 await self._set(worker=name, status="running")
+            if item.get("accepted"):  # the worker holds the request: running from now on
+                continue
             seq = len(self.codes)
             if int(item["index"]) != seq:
                 raise RuntimeError(f"worker {name} sent frame {item['index']}, expected {seq}")

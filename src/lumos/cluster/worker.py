@@ -21,7 +21,8 @@ A request is a plain dict (what a session grain, `lumos.cluster.session`, sends)
     duration, fps, text_frames    the video-length conditioning of the prompt prefix
     seed         int              the request's generator seed (see runtime.derive_seed)
 
-Every yielded item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the latent frame's RGB
+The first yielded item is {"accepted": True, worker}: the worker holds the request. Every later
+item is {index, codes (np.int32 [h, w]), pixels (PNG bytes: the latent frame's RGB
 frames side by side, rgb_frames of them), rgb_frames, done, worker, committed_at (wall clock when
 the engine step that committed the frame returned, before pixel decoding: for latency
 measurements)}.
@@ -290,6 +291,7 @@ class Worker:
         finished = False
         self._submit(("add", sid, req, stream))
         try:
+            yield {"accepted": True, "worker": self.name}  # the session is "running" from here
             while True:
                 item = await stream.queue.get()
                 if item is _CANCELLED:
