@@ -1,5 +1,7 @@
 """Engine benchmark: per-frame cost with and without the KV cache, and the per-step forward.
 
+Frames are latent frames (one frame block of the sequence).
+
     python benchmarks/engine.py --preset tiny --json out.json
     python benchmarks/engine.py --preset 1b --layers 2 --grid 48x84     # 672x384, CPU-sized
     python benchmarks/engine.py --preset 1b --grid 48x84 --device cuda  # GPU: adds MFU figures
@@ -22,7 +24,7 @@ import torch
 
 from lumos.config import SamplerConfig, model_preset
 from lumos.model import build_model
-from lumos.sampler import VideoBatch, VideoRequest
+from lumos.sampler import VideoRequest, VideoState, block_forward, code_logits, generate, prefill
 from lumos.sequence import Layout
 from report import emit, sync
 
@@ -34,21 +36,22 @@ def _peak_mem(device: str) -> int:
 
 
 def time_frames(model, layout, args, use_cache: bool) -> float:
-    """Seconds per generated frame after `context` history frames (prefill not counted)."""
+    """Seconds per generated latent frame after `context` history frames (prefill and the
+    first, warm-up frame not counted)."""
     g = torch.Generator().manual_seed(0)
     given = torch.randint(
         0, layout.vocab.codebook_size, (args.context, layout.h, layout.w), generator=g
     )
     req = VideoRequest(list(range(1, 21)), args.frames + 1, given=given, generator=g)
     sc = SamplerConfig(steps=args.steps, cfg=args.cfg)
-    batch = VideoBatch(model, layout, [req], sc, use_cache=use_cache)
-    batch.next_frame()  # warm-up
-    sync(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.frames):
-        batch.next_frame()
-    sync(args.device)
-    return (time.perf_counter() - t0) / args.frames
+    stamps: list[float] = []
+
+    def stamp(f: int, codes) -> None:
+        sync(args.device)
+        stamps.append(time.perf_counter())
+
+    generate(model, layout, [req], sc, on_frame=stamp, use_cache=use_cache)
+    return (stamps[-1] - stamps[0]) / args.frames
 
 
 def matmul_peak_tflops(device: str) -> float:
@@ -72,22 +75,27 @@ def step_mfu(model, layout, args) -> dict:
     given = torch.randint(
         0, layout.vocab.codebook_size, (args.context, layout.h, layout.w), generator=g
     )
-    req = VideoRequest(list(range(1, 21)), 1, given=given, generator=g)
-    batch = VideoBatch(model, layout, [req], SamplerConfig(steps=1, cfg=args.cfg))
-    blocks = batch._blocks()
-    codes = torch.zeros(1, layout.n_codes, dtype=torch.long, device=args.device)
-    known = torch.zeros_like(codes, dtype=torch.bool)
-    for _ in range(3):
-        batch.frame_logits(blocks, codes, known)
-    sync(args.device)
-    reps = 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        batch.frame_logits(blocks, codes, known)
-    sync(args.device)
+    sc = SamplerConfig(steps=1, cfg=args.cfg)
+    st = VideoState(layout, sc, list(range(1, 21)), 2, 12, given, g, cfg.rope, args.device)
+    cache = prefill(model, layout, st.prefill_rows(), st.capacity(1))
+    st.begin_frame()
+    offsets = layout.code_offsets.to(args.device)
+
+    def one_step() -> None:
+        code_logits(model, block_forward(model, st.step_tokens(), st.block_pos, cache), offsets)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            one_step()
+        sync(args.device)
+        reps = 10
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            one_step()
+        sync(args.device)
     dt = (time.perf_counter() - t0) / reps
-    rows, n = batch.n_rows, layout.block_len
-    ctx = max(batch.cache.lengths) + n
+    rows, n = st.n_rows, layout.block_len
+    ctx = max(cache.lengths) + n
     dense = cfg.num_params() - 2 * cfg.vocab_size * cfg.dim  # per-token matmul params
     head = layout.n_codes * cfg.dim * layout.vocab.codebook_size  # visual rows only
     attn = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * n * ctx  # QK^T and PV

@@ -49,8 +49,9 @@ def _generate(args: argparse.Namespace) -> int:
         frames = args.frames
     else:
         frames = 1 if out.suffix.lower() == ".png" and args.extend is None else s.frames
-    if not 1 <= frames <= s.max_frames:
-        raise SystemExit(f"lumos generate: --frames must be in [1, {s.max_frames}] RGB frames")
+    if frames < 1 or (s.max_frames is not None and frames > s.max_frames):
+        cap = s.max_frames or "any"
+        raise SystemExit(f"lumos generate: --frames must be in [1, {cap}] RGB frames")
     kw = {"steps": args.steps, "cfg": args.cfg, "seed": args.seed}
     given, prior = None, 0  # given: latent codes the video starts from; prior: their RGB frames
     if args.extend is not None:  # continue an existing clip by `frames` RGB frames

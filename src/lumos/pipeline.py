@@ -168,7 +168,7 @@ class Pipeline:
             top_k=s.top_k,
             temperature=s.temperature,
             window=self.context_window(),
-            window_stride=min(s.window_stride, self.context_window()),
+            window_stride=s.window_stride or min(8, self.context_window()),
         )
 
     def context_window(self) -> int:

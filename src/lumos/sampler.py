@@ -38,7 +38,7 @@ from torch import Tensor
 
 from lumos.config import SamplerConfig
 from lumos.kvcache import KVCache
-from lumos.masks import frame_causal_dense
+from lumos.masks import frame_causal
 from lumos.sequence import Layout, Sequence, pad_batch
 
 # -- step-level pieces ----------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def prefill(model, layout: Layout, rows: list[Sequence], capacity: int) -> KVCac
     param = next(model.parameters())
     cache = KVCache.for_model(model.cfg, len(rows), capacity, param.dtype, param.device)
     b = pad_batch(rows, model.cfg.rope, layout.vocab.pad)
-    mask = frame_causal_dense(b["frame"], b["valid"]).to(param.device)
+    mask = frame_causal(b["frame"], b["valid"], model.cfg.attn_backend, param.device)
     model(
         b["tokens"].to(param.device), b["positions"].to(param.device), mask, cache, output="hidden"
     )
@@ -375,7 +375,7 @@ def recompute_logits(model, layout: Layout, states: list[VideoState]) -> Tensor:
             idx.append(len(row) + layout.code_offsets)
     dev = next(model.parameters()).device
     b = pad_batch(seqs, model.cfg.rope, layout.vocab.pad)
-    mask = frame_causal_dense(b["frame"], b["valid"]).to(dev)
+    mask = frame_causal(b["frame"], b["valid"], model.cfg.attn_backend, dev)
     hidden = model(b["tokens"].to(dev), b["positions"].to(dev), mask, None, output="hidden")
     gather = torch.stack(idx).to(dev).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return model.project(hidden.gather(1, gather), model.visual_rows()).float()

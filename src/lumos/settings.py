@@ -69,17 +69,19 @@ class PipelineSettings:
     max_frames: int | None = None  # RGB frames one call may ask for (None: no cap)
     # rolling context (docs/LONG_VIDEO.md): latent frames the KV cache holds besides the prompt
     # (None: the default clip's latent frames minus one, the length trained on) and how many
-    # frames it slides at a time (each slide rebuilds the cache by one prefill)
+    # frames it slides at a time (each slide rebuilds the cache by one prefill; None: 8, at most
+    # the window)
     window: int | None = None
-    window_stride: int = 1
+    window_stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_frames not in ("rgb", "fps_x_duration"):
             raise ValueError(
                 f"prompt_frames must be 'rgb' or 'fps_x_duration', got {self.prompt_frames!r}"
             )
-        for name in ("height", "width", "frames", "fps", "steps", "max_frames", "window"):
-            if name in ("max_frames", "window") and getattr(self, name) is None:
+        optional = ("max_frames", "window", "window_stride")
+        for name in ("height", "width", "frames", "fps", "steps", *optional):
+            if name in optional and getattr(self, name) is None:
                 continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
