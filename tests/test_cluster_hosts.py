@@ -299,6 +299,8 @@ def test_worker_process_killed_is_restarted_and_the_generation_resumes(cfg):
             await wait_for(back, timeout_s=30)
             new = await ray.get_actor(name, namespace=NAMESPACE).info.remote()
             assert new["pid"] != info["pid"] and new["name"] == name  # restarted in place
+            await client.refresh_workers()  # the client's view follows the restart (review 9)
+            assert [w["pid"] for w in client.workers()] == [new["pid"]]
             print(f"worker killed: the next frame came {resumed:.1f} s later (restart + prefill)")
         finally:
             await client.close()
