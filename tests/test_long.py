@@ -61,6 +61,22 @@ def test_long_pipeline_extend_keeps_a_flat_cache():
     assert more.shape[0] == 7 and torch.equal(more[:4], codes)
 
 
+@pytest.mark.parametrize("seed,window", [(0, None), (1, None), (3, 4)])
+def test_a_new_prompt_governs_the_next_frames(seed, window):
+    """The bundled model: 8 frames of "a red bag", then extend() with "a blue bag": the colour
+    tracker sees blue within 2 frames (window 4: the switch comes after the window slid)."""
+    from lumos.evaluate.tracker import track_items
+
+    pipe = Pipeline.from_folder()
+    pipe.set_sampling(window=window, window_stride=2 if window else None)
+    red = pipe.generate_codes("a red bag moves left", 8, seed=seed, rgb_frames=16)
+    both = pipe.extend(red, "a blue bag moves left", frames=2, seed=seed + 100)
+    assert torch.equal(both[:8], red)
+    tracks = track_items(pipe.decode(both).numpy(), colours=["red", "blue"])
+    assert tracks["red"].present[:8].mean() >= 0.75  # it was red before the switch
+    assert tracks["blue"].present[8:10].any(), tracks["blue"].present
+
+
 # -- the real stack ------------------------------------------------------------------------------
 
 NAMESPACE = f"lumos-long-test-{uuid.uuid4().hex[:10]}"
