@@ -77,6 +77,19 @@ def test_a_new_prompt_governs_the_next_frames(seed, window):
     assert tracks["blue"].present[8:10].any(), tracks["blue"].present
 
 
+def test_eval_scores_a_late_window_of_a_long_clip():
+    """lumos eval --frames N --window-from K scores frames [K, N) only (against real clips of
+    that length); a K outside the clip is refused."""
+    from lumos.evaluate import evaluate
+
+    pipe = Pipeline.from_folder("random:tiny")
+    pipe.set_sampling(window=2)
+    r = evaluate(pipe, "heldout", 1, 1, frames=6, steps=1, window_from=4)
+    assert r["n_prompts"] == 1 and len(r["per_frame"]["present"]) == 2
+    with pytest.raises(ValueError, match="window_from"):
+        evaluate(pipe, "heldout", 1, 1, frames=6, steps=1, window_from=6)
+
+
 # -- the real stack ------------------------------------------------------------------------------
 
 NAMESPACE = f"lumos-long-test-{uuid.uuid4().hex[:10]}"

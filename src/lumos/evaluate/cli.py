@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: model's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: model's)")
     p.add_argument("--frames", type=int, default=None, help="RGB frames (default: model's)")
+    p.add_argument(
+        "--window-from",
+        type=int,
+        default=None,
+        help="score only RGB frames [N, frames) of each clip (e.g. --frames 256 --window-from 240)",
+    )
     p.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "cfg": args.cfg,
             "frames": args.frames,
+            "window_from": args.window_from,
             "dtype": args.dtype,
             "temperature": args.temperature,
             "top_p": args.top_p,
@@ -183,9 +190,20 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
         frames = args.frames or pipe.settings.frames
         results["settings"]["frames"] = frames
+        if args.window_from is not None and not 0 <= args.window_from < frames:
+            p.error(f"--window-from must be in [0, {frames}) (the clip's RGB frames)")
         for s in splits:
             r = evaluate(
-                pipe, s, args.prompts, seeds, frames, args.steps, args.cfg, classifier, log
+                pipe,
+                s,
+                args.prompts,
+                seeds,
+                frames,
+                args.steps,
+                args.cfg,
+                classifier,
+                log,
+                window_from=args.window_from,
             )
             results["splits"][s] = r
             rows[s] = r

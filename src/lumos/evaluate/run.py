@@ -126,8 +126,13 @@ def evaluate(
     cfg: float | None = None,
     classifier: FashionClassifier | None = None,
     log: Callable[[str], None] | None = None,
+    window_from: int | None = None,
 ) -> dict[str, Any]:
     """Generate a clip per prompt (and seed) of ``eval_prompts(split)`` and score them.
+
+    ``window_from``: score only the RGB frames ``[window_from, frames)`` of each clip (quality
+    late in a long video, e.g. frames 240..255 of 256; the real reference clips are as long as
+    the scored part).
 
     ``pipeline``: a :class:`lumos.pipeline.Pipeline` (anything with ``text_to_video(prompt,
     frames, steps=, cfg=, seed=) -> uint8 [T, H, W, 3]``). ``split``: ``"seen"`` or
@@ -144,10 +149,12 @@ def evaluate(
     """
     frames = frames or getattr(getattr(pipeline, "settings", None), "frames", 16)
 
+    if window_from is not None and not 0 <= window_from < frames:
+        raise ValueError(f"window_from must be in [0, {frames}), got {window_from}")
+
     def make(caption: str, specs: list[ItemSpec], p: int, seed: int) -> np.ndarray:
-        return _as_video(
-            pipeline.text_to_video(caption, frames=frames, steps=steps, cfg=cfg, seed=seed)
-        )
+        video = pipeline.text_to_video(caption, frames=frames, steps=steps, cfg=cfg, seed=seed)
+        return _as_video(video)[window_from or 0 :]
 
     return _run(make, split, n_prompts, seeds, frames, classifier, 10_000, log)
 
