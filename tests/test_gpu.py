@@ -4,6 +4,8 @@
   test_masks.py::test_flex_equals_dense, test_diffusion.py::test_loss_equals_naive_full_logits)
 - the KV-cached sampler on CUDA in bf16 agrees with a float32 CPU run (CPU reference:
   test_sampler.py::test_cached_logits_equal_full_recompute)
+- attn_backend auto picks a compiled FlexAttention BlockMask on CUDA, equal to the dense mask
+  (CPU reference: test_masks.py::test_flex_equals_dense)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from lumos.config import SamplerConfig
 from lumos.diffusion import ardf_loss
 from lumos.masks import frame_causal_block_mask, frame_causal_dense
 from lumos.model import build_model
-from lumos.sampler import VideoBatch, VideoRequest
+from lumos.sampler import VideoRequest, generate
 
 pytestmark = pytest.mark.gpu
 
@@ -51,8 +53,31 @@ def test_sampler_cuda_bf16_close_to_cpu(tiny_cfg, layout):
     outs = []
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
         model = build_model(tiny_cfg, seed=0).to(device=device, dtype=dtype).eval()
-        batch = VideoBatch(model, layout, [VideoRequest([5, 6], 1)], sc)
-        codes = torch.zeros(1, layout.n_codes, dtype=torch.long, device=device)
-        known = torch.zeros_like(codes, dtype=torch.bool)
-        outs.append(batch.frame_logits(batch._blocks(), codes, known).float().cpu())
+        first: list[torch.Tensor] = []  # the first step's guided logits of frame 0
+
+        def keep(video, k, step, logits, first=first):
+            if k == 0 and step == 0:
+                first.append(logits.float().cpu())
+
+        g = torch.Generator(device=device).manual_seed(0)
+        generate(model, layout, [VideoRequest([5, 6], 1, generator=g)], sc, on_logits=keep)
+        outs.append(first[0])
     assert torch.allclose(outs[0], outs[1], atol=5e-2, rtol=5e-2)
+
+
+def test_official_prefill_uses_compiled_flex_on_cuda(tiny_cfg, layout):
+    """attn_backend auto: the prefill's frame-causal mask is a BlockMask on CUDA and gives the
+    dense mask's cache (CPU reference: test_masks.py::test_flex_equals_dense)."""
+    from lumos.masks import frame_causal, uses_flex
+
+    assert uses_flex("auto", "cuda") and not uses_flex("auto", "cpu")
+    b = _batch(layout)
+    mask = frame_causal(b["frame"], b["valid"], "auto", "cuda")
+    assert not isinstance(mask, torch.Tensor)  # a FlexAttention BlockMask
+    model = build_model(tiny_cfg, seed=0).cuda().eval()
+    with torch.no_grad():
+        dense = model(b["inputs"].cuda(), b["positions"].cuda(), frame_causal_dense(
+            b["frame"].cuda(), b["valid"].cuda()))  # fmt: skip
+        flex = model(b["inputs"].cuda(), b["positions"].cuda(), mask)
+    valid = b["valid"].cuda()
+    assert torch.allclose(dense[valid], flex[valid], atol=1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lumos.masks import cache_key_mask, frame_causal_block_mask, frame_causal_dense
@@ -58,3 +59,17 @@ def test_flex_equals_dense(tiny_model, layout):
         flex = tiny_model(b["tokens"], b["positions"], block)
     v = b["valid"]
     assert torch.allclose(dense[v], flex[v], atol=1e-4)
+
+
+def test_backend_dispatch_of_the_full_forward_mask():
+    from lumos.masks import frame_causal, uses_flex
+
+    frame = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1]])
+    valid = torch.ones_like(frame, dtype=torch.bool)
+    dense = frame_causal(frame, valid, "auto", "cpu")  # CPU: the dense SDPA mask
+    assert isinstance(dense, torch.Tensor) and torch.equal(dense, frame_causal_dense(frame, valid))
+    assert torch.equal(frame_causal(frame, valid, "sdpa", "cpu"), dense)
+    assert not isinstance(frame_causal(frame, valid, "flex", "cpu"), torch.Tensor)  # BlockMask
+    assert uses_flex("auto", "cuda:0") and not uses_flex("sdpa", "cuda")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        uses_flex("xformers", "cpu")
