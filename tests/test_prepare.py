@@ -89,3 +89,12 @@ def test_export_cli_overrides_and_refuses_to_clobber(built, capsys):
     # a bad override is a clear error and writes nothing
     assert main(["--out", data, "--export", run, str(root / "bad"), "--tau0", "-1"]) == 2
     assert "tau0 must be >= 0" in capsys.readouterr().err and not (root / "bad").exists()
+
+
+def test_train_tokenizer_rejects_an_unknown_preset(tmp_path, capsys):
+    from lumos.prepare import tokenizer_main
+
+    with pytest.raises(SystemExit):
+        tokenizer_main(["--out", str(tmp_path / "tok"), "--preset", "nope", "--clips", "1"])
+    assert "unknown tokenizer preset 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
