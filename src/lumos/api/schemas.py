@@ -26,7 +26,11 @@ class CreateSessionRequest(_Body):
     """Start a session: text-to-video, or image-to-video when `image` is given."""
 
     prompt: StrictStr = Field(description="what to generate (length limit: /api/config)")
-    frames: StrictInt = Field(ge=1, description="frames to generate now (limit: /api/config)")
+    frames: StrictInt = Field(
+        ge=1,
+        description="latent frames to generate now (each is 1 RGB frame for the first latent, "
+        "then the tokenizer's temporal factor; the bundled model: 1); limit: /api/config",
+    )
     steps: StrictInt | None = Field(None, ge=1, description="diffusion steps per frame")
     cfg: StrictFloat | None = Field(None, ge=0, allow_inf_nan=False, description="CFG scale")
     seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX, description="random seed")
@@ -39,7 +43,7 @@ class CreateSessionRequest(_Body):
 class ExtendRequest(_Body):
     """Generate more frames; a non-empty prompt applies from the first new frame on."""
 
-    frames: StrictInt = Field(ge=1, description="frames to add (limit: /api/config)")
+    frames: StrictInt = Field(ge=1, description="latent frames to add (limit: /api/config)")
     prompt: StrictStr | None = Field(None, description="new prompt; empty or absent: keep")
 
 
@@ -48,7 +52,7 @@ class SessionState(BaseModel):
 
     id: str
     status: str = Field(description="queued | running | done | failed")
-    n_frames: int
+    n_frames: int = Field(description="stored latent frames (frame records, seq 0..n-1)")
     target: int | None = Field(None, description="n_frames when the current request is done")
     prompts: list[list[Any]] = Field(description="[from_frame, prompt] segments")
     settings: dict[str, Any]
