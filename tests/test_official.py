@@ -147,6 +147,9 @@ def test_official_prompt_states_fps_times_duration(pipe):
     assert "consisting of 24 frames at 12 frames per second" in text and text.endswith("a cat")
     # our models keep the RGB count (one rule per folder)
     assert PipelineSettings(fps=8).conditioning(16).text_frames == 16
+    # a video longer than the default clip keeps the trained duration (no number-token overflow)
+    assert tuple(pipe.conditioning(10_001)) == (24, 2, 12)
+    assert PipelineSettings(fps=8, frames=16).conditioning(5_000).duration == 2
 
 
 def test_bad_resolutions_are_refused(release):

@@ -6,7 +6,9 @@ The prompt prefix of a video names its length twice (method.md section 1): the t
 "consisting of F frames" and the duration/fps number tokens. `PipelineSettings.conditioning` is
 the only place that derives them from the RGB frame count of a request:
 - duration = the folder's `duration` when set (the value the model was trained with), else the
-  clip length rounded to whole seconds (at least 1); fps = the folder's fps;
+  clip length rounded to whole seconds (at least 1, at most the default clip's: a longer video
+  is made through the rolling window, and its prefix keeps the trained duration); fps = the
+  folder's fps;
 - F = fps x duration for the official checkpoints (`prompt_frames: "fps_x_duration"`: 24 for
   12 fps x 2 s, what they were trained with), else the RGB frame count (`"rgb"`, our models);
 - an image (text-to-image: a clip of one RGB frame) is a one-frame video with duration = fps = 1,
@@ -129,6 +131,8 @@ class PipelineSettings:
             raise ValueError(f"a clip has at least 1 RGB frame, got {rgb_frames}")
         if image or rgb_frames == 1:
             return Conditioning(1, 1, 1)
-        duration = self.duration or max(1, round(rgb_frames / self.fps))
+        # a clip longer than the default one (made through the rolling window) states the
+        # default clip's duration: the longest the model was trained on
+        duration = self.duration or max(1, round(min(rgb_frames, self.frames) / self.fps))
         text_frames = self.fps * duration if self.prompt_frames == "fps_x_duration" else rgb_frames
         return Conditioning(text_frames, duration, self.fps)
