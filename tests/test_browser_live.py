@@ -179,7 +179,8 @@ def test_live_mode_300_frames_keeps_rate_and_memory_flat(server):
         state = page.request.get(f"{server.url}api/sessions/{session_id}", headers=headers).json()
         assert state["n_frames"] == final and state["status"] == "done", state
         starts = [p[0] for p in state["prompts"] if p[1] == "a red sneaker moves up"]
-        assert len(starts) == 1 and typed_at < starts[0] <= typed_at + 8, (typed_at, state)
+        # (the next chunk may start at typed_at itself when the current one just ended there)
+        assert len(starts) == 1 and typed_at <= starts[0] <= typed_at + 8, (typed_at, state)
         starts = [p[0] for p in state["prompts"] if p[1] == "a blue ball moves down"]
         assert len(starts) == 1 and entered_at <= starts[0] <= entered_at + 2, (entered_at, state)
 
