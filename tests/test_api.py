@@ -412,6 +412,7 @@ def test_mp4_download_is_a_valid_video(api, done_session):
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "video/mp4"
     assert "attachment" in r.headers["content-disposition"]
+    assert r.headers.get("transfer-encoding") == "chunked"  # streamed, not built whole first
     with av.open(io.BytesIO(r.content)) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded) == n and decoded[0].ndim == 3

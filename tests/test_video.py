@@ -145,3 +145,26 @@ def test_decode_image_resizes_like_read_image(tmp_path):
         decode_image(b"not an image", (64, 64))
     with pytest.raises(ValueError, match="non-empty bytes"):
         decode_image(b"", (64, 64))
+
+
+def test_mp4_writer_streams_a_long_video_in_pieces(tmp_path):
+    from lumos.video import Mp4Writer, make_grid, split_grid
+
+    rng = np.random.default_rng(1)
+    writer = Mp4Writer(fps=8, keyframe_every=8)
+    chunks = [writer.add(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)) for _ in range(64)]
+    assert sum(len(c) > 0 for c in chunks) >= 4  # bytes leave as the frames come, not at the end
+    chunks.append(writer.close())
+    data = b"".join(chunks)
+    assert max(map(len, chunks)) < len(data) / 3  # no piece holds most of the file
+    path = tmp_path / "s.mp4"
+    path.write_bytes(data)
+    assert read_video(path).shape == (64, 32, 48, 3)
+    other = Mp4Writer()
+    other.add(np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="differs"):
+        other.add(np.zeros((16, 16, 3), np.uint8))
+    strip = make_grid(rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8))
+    assert [f.shape for f in split_grid(strip, 4)] == [(8, 8, 3)] * 4
+    with pytest.raises(ValueError, match="at least one frame"):
+        Mp4Writer().close()

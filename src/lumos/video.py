@@ -169,6 +169,21 @@ def _pad_even(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _add_mp4_stream(container: Any, rate: Fraction, w: int, h: int) -> Any:
+    """The H.264 (or MPEG-4) video stream of our mp4 files, w x h at `rate` fps."""
+    codec = mp4_codec()
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = w, h
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.time_base = 1 / rate
+    if codec == "libx264":
+        stream.options = {"crf": "17", "preset": "medium"}
+    else:
+        stream.bit_rate = max(2_000_000, int(w * h * float(rate) * 2))
+        stream.options = {"qscale": "2"}
+    return stream
+
+
 def _encode_mp4(target: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: float) -> None:
     """Encode ``uint8 [T, H, W, 3]`` into an mp4 at ``target`` (a path or binary file)."""
     import av
@@ -176,21 +191,12 @@ def _encode_mp4(target: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: f
     rate = _check_fps(fps)
     arr = _pad_even(frames)  # [T, H', W', 3], H' and W' even
     _, h, w, _ = arr.shape
-    codec = mp4_codec()
     is_path = isinstance(target, str | os.PathLike)
     target_arg = os.fspath(target) if is_path else target
     # "faststart" (index before data, for progressive playback) needs a re-openable file.
     options = {"movflags": "faststart"} if is_path else {}
     with av.open(target_arg, mode="w", format="mp4", options=options) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = 1 / rate
-        if codec == "libx264":
-            stream.options = {"crf": "17", "preset": "medium"}
-        else:
-            stream.bit_rate = max(2_000_000, int(w * h * float(rate) * 2))
-            stream.options = {"qscale": "2"}
+        stream = _add_mp4_stream(container, rate, w, h)
         for i, frame_arr in enumerate(arr):
             frame = av.VideoFrame.from_ndarray(frame_arr, format="rgb24")
             frame.pts = i
@@ -198,6 +204,87 @@ def _encode_mp4(target: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: f
                 container.mux(packet)
         for packet in stream.encode(None):  # flush
             container.mux(packet)
+
+
+class _Sink:
+    """A write-only file for PyAV that hands back what was written since the last take()."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+class Mp4Writer:
+    """An mp4 written piece by piece, for streaming a long video without holding it: `add`
+    frames ``uint8 [H, W, 3]`` (or ``[T, H, W, 3]``) and send the bytes each call returns, then
+    the bytes of `close`. A fragmented mp4 (moov first, then a fragment per keyframe interval),
+    which players and browsers play like any mp4; memory stays at about one fragment."""
+
+    def __init__(self, fps: float = 8, keyframe_every: int = 32) -> None:
+        self.rate = _check_fps(fps)
+        self.keyframe_every = int(keyframe_every)
+        self._sink = _Sink()
+        self._container: Any = None
+        self._stream: Any = None
+        self._size: tuple[int, int] | None = None
+        self.frames = 0
+
+    def _open(self, h: int, w: int) -> None:
+        import av
+
+        options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+        self._container = av.open(self._sink, mode="w", format="mp4", options=options)
+        self._stream = _add_mp4_stream(self._container, self.rate, w, h)
+        self._stream.codec_context.gop_size = self.keyframe_every
+        self._size = (h, w)
+
+    def add(self, frames: Any) -> bytes:
+        """Encode frames of the video's size (the first frame fixes it); returns new bytes."""
+        import av
+
+        arr = _pad_even(as_frames(frames))  # [T, H', W', 3]
+        if self._container is None:
+            self._open(arr.shape[1], arr.shape[2])
+        elif arr.shape[1:3] != self._size:
+            raise ValueError(f"frame size {arr.shape[1:3]} differs from the video's {self._size}")
+        for frame_arr in arr:
+            frame = av.VideoFrame.from_ndarray(frame_arr, format="rgb24")
+            frame.pts = self.frames
+            self.frames += 1
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        """Flush the encoder and end the file; returns the last bytes."""
+        if self._container is None:
+            raise ValueError("an mp4 needs at least one frame")
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+        return self._sink.take()
+
+
+def split_grid(image: np.ndarray, n: int) -> list[np.ndarray]:
+    """The n frames of an image tiled by :func:`make_grid` with its default layout (no pad)."""
+    if n <= 1:
+        return [image]
+    cols = n if n <= 8 else 8
+    rows = -(-n // cols)
+    h, w = image.shape[0] // rows, image.shape[1] // cols
+    return [image[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w]
+            for i in range(n)]  # fmt: skip
 
 
 def _write_gif(target: str | os.PathLike | BinaryIO, frames: np.ndarray, fps: float) -> None:

@@ -62,7 +62,7 @@ from fastapi import FastAPI, Header, Request, WebSocket
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -524,13 +524,21 @@ def create_app(cfg: ServeConfig | None = None, client: LumosClient | None = None
         request: Request,
         authorization: str | None = Header(None),
     ) -> Response:
-        """Every committed frame of the session as an H.264 mp4 (bearer header only)."""
+        """Every committed frame of the session as an H.264 mp4 (bearer header only), streamed
+        as it is encoded (a fragmented mp4; a long video is never held in memory)."""
         state = await authorized(request, session_id, bearer(authorization))
         if not int(state.get("n_frames") or 0):
             raise HTTPException(409, "the session has no frames yet")
-        data = await call(cluster(request).video_mp4(session_id), conflict=True)
-        return Response(
-            data,
+        chunks = cluster(request).video_mp4(session_id)
+        first = await call(anext(chunks), conflict=True)  # errors become HTTP errors here
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+        return StreamingResponse(
+            body(),
             media_type="video/mp4",
             headers={
                 "Content-Disposition": f'attachment; filename="lumos-{session_id}.mp4"',

@@ -45,6 +45,7 @@ from lumos.store import (
     SessionNotFound,
     open_store,
 )
+from lumos.video import Mp4Writer, decode_png, split_grid
 
 log = logging.getLogger("lumos.client")
 
@@ -447,14 +448,21 @@ class LumosClient:
         """The owner's sessions, newest first."""
         return [state_dict(m) for m in await self.store.list_sessions(owner)]
 
-    async def video_mp4(self, session_id: str) -> bytes:
-        """Every stored frame as one mp4 (at the session's fps)."""
+    async def video_mp4(self, session_id: str, page: int = 64) -> AsyncIterator[bytes]:
+        """Every stored frame as one mp4 at the session's fps, in chunks: `page` frame records
+        at a time are read from the store and encoded as they come (video.Mp4Writer), so a long
+        video is never held whole, neither its frames nor its file."""
         meta = await self._meta(session_id)
-        records = await self.frames(session_id)
-        if not records:
-            raise ValueError(f"session {session_id} has no frames yet")
-        fps = int(meta.settings.get("fps", 8))
-        return await asyncio.to_thread(_mp4, records, fps)
+        writer = Mp4Writer(int(meta.settings.get("fps", 8)))
+        start = 0
+        while records := await self.frames(session_id, start, start + page):
+            chunk = await asyncio.to_thread(encode_records, writer, records)
+            if chunk:
+                yield chunk
+            start += len(records)
+        if not writer.frames:
+            raise ValueError(f"session {session_id} has no frames with pixels yet")
+        yield await asyncio.to_thread(writer.close)
 
     async def delete_session(self, session_id: str) -> None:
         """Stop the session, free its KV cache on its worker, remove it and its frames."""
@@ -467,27 +475,12 @@ class LumosClient:
         await self.store.delete_session(session_id)
 
 
-def _split(image: np.ndarray, n: int) -> list[np.ndarray]:
-    """The n frames of a PNG strip/grid written by video.encode_png (make_grid layout)."""
-    if n <= 1:
-        return [image]
-    cols = n if n <= 8 else 8
-    rows = -(-n // cols)
-    h, w = image.shape[0] // rows, image.shape[1] // cols
+def encode_records(writer: Mp4Writer, records: list[FrameRecord]) -> bytes:
+    """Add the RGB frames of stored frame records (PNG strips of rgb_frames frames) to an mp4
+    being written; returns the bytes it produced."""
     out = []
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out.append(image[r * h : (r + 1) * h, c * w : (c + 1) * w])  # [h, w, 3]
-    return out
-
-
-def _mp4(records: list[FrameRecord], fps: int) -> bytes:
-    from lumos.video import decode_png, mp4_bytes
-
-    frames: list[np.ndarray] = []
     for rec in records:
         if rec.pixels:
-            frames += _split(decode_png(rec.pixels), int(rec.meta.get("rgb_frames", 1)))
-    if not frames:
-        raise ValueError("the session's frames hold no pixels")
-    return mp4_bytes(np.stack(frames), fps)
+            strip = decode_png(rec.pixels)  # [H, n*W, 3] (a make_grid of the latent's frames)
+            out.append(writer.add(np.stack(split_grid(strip, int(rec.meta.get("rgb_frames", 1))))))
+    return b"".join(out)
