@@ -25,19 +25,9 @@ from .base import (
 )
 from .cosmos import DECODER_FILE, ENCODER_FILE, CosmosTokenizer
 from .fsq import FSQ, round_ste
+from .fsq_train import evaluate_reconstruction, make_synthetic_videos, psnr, ssim, train_tokenizer
 from .text import PAD_TOKEN, TextTokenizer, train_bpe
-from .video_fsq import (
-    CONFIG_FILE,
-    PRESETS,
-    WEIGHTS_FILE,
-    FSQTokenizerConfig,
-    FSQVideoTokenizer,
-    evaluate_reconstruction,
-    make_synthetic_videos,
-    psnr,
-    ssim,
-    train_tokenizer,
-)
+from .video_fsq import CONFIG_FILE, PRESETS, WEIGHTS_FILE, FSQTokenizerConfig, FSQVideoTokenizer
 
 __all__ = [
     "CONFIG_FILE",
