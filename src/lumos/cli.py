@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lumos.devices import DTYPE_CHOICES
+from lumos.settings import add_sampling_flags, sampling_overrides
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -34,13 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
         resolution=args.resolution,
     )
     try:
-        pipe.set_sampling(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            tau0=args.tau0,
-            history_mask=args.history_mask,
-        )
+        pipe.set_sampling(**sampling_overrides(args))
         pipe.sampler_config(args.steps, args.cfg)  # a bad --steps / --cfg fails here, named
     except ValueError as e:
         raise SystemExit(f"lumos generate: {e}") from None
@@ -127,16 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="WIDTHxHEIGHT (official checkpoints: 448x256 default, or 672x384)",
     )
-    g.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
-    g.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
-    g.add_argument("--tau0", type=float, default=None, help="MaskGIT confidence noise (model's)")
-    g.add_argument(
-        "--history-mask",
-        type=float,
-        default=None,
-        help="AR-DF inference masking of committed frames, in [0, 1) (model's)",
-    )
+    add_sampling_flags(g)
     g.add_argument("--tokenizer", default=None, help="visual tokenizer folder (official models)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument(

@@ -17,6 +17,7 @@ the only place that derives them from the RGB frame count of a request:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
@@ -136,3 +137,25 @@ class PipelineSettings:
         duration = self.duration or max(1, round(min(rgb_frames, self.frames) / self.fps))
         text_frames = self.fps * duration if self.prompt_frames == "fps_x_duration" else rgb_frames
         return Conditioning(text_frames, duration, self.fps)
+
+
+# the sampling settings a command line may override for one run (`Pipeline.set_sampling`)
+SAMPLING_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("temperature", float, "code temperature"),
+    ("top_p", float, "nucleus sampling"),
+    ("top_k", int, "top-k sampling"),
+    ("tau0", float, "MaskGIT confidence noise"),
+    ("history_mask", float, "AR-DF inference masking of committed frames, in [0, 1)"),
+)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-p, --top-k, --tau0, --history-mask (default: the model folder's)."""
+    for name, kind, what in SAMPLING_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=kind, default=None, help=f"{what} (model's)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampling flags of parsed args, for `Pipeline.set_sampling` (None keeps a value)."""
+    return {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}

@@ -12,6 +12,7 @@ from lumos.data import CLASSES
 from lumos.devices import DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
 from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer
+from lumos.settings import add_sampling_flags, sampling_overrides
 
 
 def _fmt(v: Any) -> str:
@@ -86,16 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="score only RGB frames [N, frames) of each clip (e.g. --frames 256 --window-from 240)",
     )
-    p.add_argument("--temperature", type=float, default=None, help="code temperature (model's)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (model's)")
-    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (model's)")
-    p.add_argument("--tau0", type=float, default=None, help="MaskGIT confidence noise (model's)")
-    p.add_argument(
-        "--history-mask",
-        type=float,
-        default=None,
-        help="AR-DF inference masking of committed frames, in [0, 1) (model's)",
-    )
+    add_sampling_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
@@ -179,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos eval: {e}") from None
         try:
-            pipe.set_sampling(
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                tau0=args.tau0,
-                history_mask=args.history_mask,
-            )
+            pipe.set_sampling(**sampling_overrides(args))
         except ValueError as e:
             p.error(str(e))
         frames = args.frames or pipe.settings.frames
