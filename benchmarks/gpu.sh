@@ -2,7 +2,7 @@
 # One prepared run that measures everything GPU-bound (issue: official checkpoints, GPU path).
 # Run it from the repository root on a CUDA machine; results land in ${OUT:-gpu-results}/.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu.sh            # about 5-8 minutes on one H100/H200
+#   OUT=gpu-results bash benchmarks/gpu.sh         # about 5-8 minutes on one H100/H200
 #   DEVICE=cpu LAYERS=1 STEPS=1 CONTEXT=1 G448=4x8 G672=4x8 bash benchmarks/gpu.sh  # CPU dry run
 #
 # It needs PyTorch with CUDA plus numpy, safetensors, tokenizers, pillow and av (no Ray, no
