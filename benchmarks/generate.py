@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--cfg", type=float, default=None, help="default: the model's")
+    p.add_argument("--guidance-steps", type=int, default=None, help="CFG steps (model's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default=None)
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     pipe = Pipeline.from_folder(args.model, device=args.device)
     load = time.perf_counter() - t0
+    pipe.set_sampling(guidance_steps=args.guidance_steps)
     runs = []
     for r in range(args.repeats):
         t0 = time.perf_counter()
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latent_frames": pipe.latent_frames(args.frames),
         "steps": args.steps or s.steps,
         "cfg": args.cfg if args.cfg is not None else s.cfg_video,
+        "guidance_steps": s.guidance_steps,
         "seconds": secs,
         "frames_per_s": video.shape[0] / secs,
         "ms_per_latent_frame": secs * 1e3 / pipe.latent_frames(args.frames),

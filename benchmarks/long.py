@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cfg", type=float, default=None, help="default: the model's")
     p.add_argument("--window", type=int, default=None, help="default: the model folder's")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: folder's)")
+    p.add_argument("--guidance-steps", type=int, default=None, help="CFG steps (folder's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engine-only", action="store_true")
     p.add_argument("--stack-only", action="store_true")
@@ -231,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     from lumos.pipeline import Pipeline
 
     pipe = Pipeline.from_folder(None if args.model == "bundled" else args.model)
-    pipe.set_sampling(window=args.window, window_stride=args.stride)
+    pipe.set_sampling(
+        window=args.window, window_stride=args.stride, guidance_steps=args.guidance_steps
+    )
     sc = pipe.sampler_config(args.steps, args.cfg)
     res: dict = {
         "device": f"cpu ({platform.machine()}, {args.threads} threads)",
@@ -240,13 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
         "cfg": sc.cfg,
         "window": sc.window,
         "window_stride": sc.window_stride,
+        "guidance_steps": sc.guidance_steps,
         "chunk": args.chunk,
     }
     if not args.stack_only:
         eng = run_engine(args, pipe)
         res["engine"] = eng
     if not args.engine_only:
-        if args.window is not None or args.stride is not None:
+        if args.window is not None or args.stride is not None or args.guidance_steps:
             print("  note: the stack runs with the model folder's window settings")
         res["stack"] = run_stack(args)
     flat = {k: v for k, v in res.items() if not isinstance(v, dict)}

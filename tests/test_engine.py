@@ -41,12 +41,15 @@ def _codes(events):
         (1, SamplerConfig(steps=4, cfg=1.0)),
         (2, SamplerConfig(steps=3, cfg=2.0, top_k=40, reference_compat=True)),
         (2, SamplerConfig(steps=3, cfg=2.0, window=2)),  # the window slides at frames 3 and 4
+        (1, SamplerConfig(steps=4, cfg=3.0, guidance_steps=2)),  # then the conditional row only
+        (2, SamplerConfig(steps=3, cfg=2.0, window=2, guidance_steps=1)),
     ],
 )
-def test_engine_alone_equals_sampler_generate(tiny_model, layout, batching, given, sc):
+@pytest.mark.parametrize("row_threads", [1, 2])
+def test_engine_alone_equals_sampler_generate(tiny_model, layout, batching, given, sc, row_threads):
     giv = _given(given)
     ref = generate(tiny_model, layout, [VideoRequest([5, 6, 7], 3, giv, generator=_gen(1))], sc)
-    eng = Engine(tiny_model, layout, batching=batching)
+    eng = Engine(tiny_model, layout, batching=batching, row_threads=row_threads)
     eng.add(EngineRequest("s", [5, 6, 7], giv, 3, sc, generator=_gen(1)))
     events = eng.run_until_idle()
     assert [e.index for e in events] == [given, given + 1, given + 2]
@@ -68,6 +71,9 @@ SESSIONS = {  # id: (text, given frames, n_frames, sampler)
     "c": (None, 2, 2, SamplerConfig(steps=3, cfg=1.0)),  # one row: mixed row counts
     "d": ([11, 12], 0, 3, SamplerConfig(steps=4, cfg=2.0)),
     "e": ([13], 2, 3, SamplerConfig(steps=3, cfg=2.0, window=2, window_stride=2)),  # slides once
+    # guidance on the first steps only: the batch's rows change from step to step
+    "f": ([14, 15], 1, 2, SamplerConfig(steps=4, cfg=3.0, guidance_steps=1)),
+    "g": ([16], 0, 2, SamplerConfig(steps=3, cfg=2.0, guidance_steps=2)),
 }
 
 
@@ -83,8 +89,8 @@ def _recording(eng):
     return seen
 
 
-@pytest.mark.parametrize("batching", [True, False])
-def test_continuous_batching_matches_each_session_alone(tiny_model, layout, batching):
+@pytest.mark.parametrize("batching,row_threads", [(True, 1), (False, 1), (True, 3)])
+def test_continuous_batching_matches_each_session_alone(tiny_model, layout, batching, row_threads):
     alone_logits, alone_codes = {}, {}
     for sid in SESSIONS:
         eng = Engine(tiny_model, layout, batching=False)
@@ -93,21 +99,26 @@ def test_continuous_batching_matches_each_session_alone(tiny_model, layout, batc
         alone_codes[sid] = _codes(eng.run_until_idle())
         alone_logits.update(seen)
 
-    eng = Engine(tiny_model, layout, max_batch=5, batching=batching)
+    eng = Engine(tiny_model, layout, max_batch=7, batching=batching, row_threads=row_threads)
     seen = _recording(eng)
     eng.add(_request("a"))
+    eng.add(_request("f"))
     eng.add(_request("b"))
-    events = eng.step() + eng.step()  # a, b two steps into their first frames
+    events = eng.step() + eng.step()  # a, f, b two steps into their first frames
     eng.add(_request("c"))
-    events += eng.step()  # c joins at step 0 while a and b are mid-frame
+    events += eng.step()  # c joins at step 0 while a, f and b are mid-frame
     eng.add(_request("d"))
     eng.add(_request("e"))
-    assert eng.stats()["running"] == 3
+    eng.add(_request("g"))
+    assert eng.stats()["running"] == 4
     events += eng.run_until_idle()
 
     assert set(seen) == set(alone_logits)
     for key, lg in seen.items():
         assert torch.allclose(lg, alone_logits[key], atol=1e-4, rtol=1e-4), key
+        sc = SESSIONS[key[0]][3]
+        past = sc.guidance_steps is not None and key[2] >= sc.guidance_steps
+        assert lg.shape[0] == (1 if past or sc.cfg == 1.0 else 2), key  # only the rows it needs
     per = _by_session(events)
     for sid in SESSIONS:
         assert torch.equal(_codes(per[sid]), alone_codes[sid]), sid
@@ -370,3 +381,47 @@ def test_batch_storage_keeps_rows_through_joins_and_leaves(tiny_cfg):
     for sid in list(bc.slots):
         bc.detach(sid)
     assert bc.view is None and bc.nbytes == 0
+
+
+@pytest.mark.parametrize("rows", [[1], [0, 2, 4], [1, 2], [0, 1, 3]])
+def test_cache_rows_write_through_to_the_base(rows):
+    """`KVCache.rows`: a view for a slice or evenly spaced rows, else a gather; either way a
+    forward's writes land in the base rows and the keys returned are exactly those rows'."""
+    base = KVCache(2, 5, 1, 2, capacity=8)
+    base.k.copy_(torch.arange(base.k.numel(), dtype=torch.float32).view_as(base.k))
+    base.lengths = [3, 2, 3, 1, 3]
+    sub = base.rows(rows)
+    assert isinstance(sub, KVCache) == (rows != [0, 1, 3])  # a view unless unevenly spaced
+    assert sub.lengths == [base.lengths[r] for r in rows]
+    before = base.k.clone()
+    new = torch.full((len(rows), 1, 2, 2), -1.0)  # [r, H, L, d]
+    k, _ = sub.update(1, new, new)
+    assert k.shape == (len(rows), 1, max(sub.lengths) + 2, 2)
+    for i, r in enumerate(rows):
+        n = base.lengths[r]
+        assert torch.equal(base.k[1, r, :, n : n + 2], new[i])  # written through
+        assert torch.equal(k[i, :, :n], before[1, r, :, :n])  # history intact
+    untouched = [r for r in range(5) if r not in rows]
+    assert torch.equal(base.k[:, untouched], before[:, untouched])
+    assert torch.equal(base.k[0], before[0])  # only the layer written
+    with pytest.raises(ValueError, match="ascending"):
+        base.rows([2, 1])
+
+
+def test_row_threads_split_rows_in_order_and_keep_autograd_modes():
+    from lumos.sampler import RowThreads
+
+    rt = RowThreads(3)
+    seen = []
+
+    def fn(sl):
+        seen.append((sl.start, sl.stop, torch.is_inference_mode_enabled()))
+        return torch.arange(sl.start, sl.stop)
+
+    with torch.inference_mode():
+        out = rt.run(fn, 7)
+    assert torch.equal(torch.cat(out), torch.arange(7))
+    assert sorted(seen) == [(0, 2, True), (2, 5, True), (5, 7, True)]
+    assert len(rt.run(fn, 1)) == 1  # one row: no split
+    with pytest.raises(ValueError):
+        RowThreads(0)

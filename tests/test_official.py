@@ -247,4 +247,4 @@ def test_auto_dtype_is_decided_by_measurement_on_cpu():
         assert auto == (torch.bfloat16 if bf16_is_faster(*shape) else torch.float32)
     assert resolve_dtype("auto", "cuda", shape) == torch.bfloat16
     assert resolve_dtype("float32", "cpu", shape) == torch.float32
-    assert isinstance(bf16_is_faster(8, 16, 16, repeats=1), bool)
+    assert isinstance(bf16_is_faster(8, 16, 16, rounds=1, calls=1), bool)

@@ -80,11 +80,11 @@ WINDOWS = [(None, 1), (2, 1), (3, 2)]  # (window, stride): none, slide every fra
 
 
 @pytest.mark.parametrize("window,stride", WINDOWS)
-@pytest.mark.parametrize("given", [0, 2])
-def test_cached_logits_equal_full_recompute(tiny_model, layout, given, window, stride):
+@pytest.mark.parametrize("given,g", [(0, None), (2, None), (2, 1)])
+def test_cached_logits_equal_full_recompute(tiny_model, layout, given, g, window, stride):
     """Every step's logits with the cache (incremental commits, window rebuilds) equal a full
     frame-causal recompute of the window + block, and so do the codes."""
-    sc = SamplerConfig(steps=3, cfg=3.0, window=window, window_stride=stride)
+    sc = SamplerConfig(steps=3, cfg=3.0, window=window, window_stride=stride, guidance_steps=g)
     giv = torch.randint(0, 512, (given, 3, 4), generator=_gen(0)) if given else None
     runs = []
     for use_cache in (True, False):
@@ -327,3 +327,25 @@ def test_gumbel_noise_is_finite_and_gumbel_distributed():
     assert torch.isfinite(x).all()
     assert abs(x.mean().item() - 0.5772) < 0.02  # Euler-Mascheroni
     assert abs(x.var().item() - math.pi**2 / 6) < 0.05
+
+
+def test_guidance_steps_at_least_the_steps_gives_todays_codes(tiny_model, layout):
+    """CFG on the first G >= S steps is CFG on every step; G < S changes the video, and its
+    late steps see the conditional row's logits alone."""
+
+    def run(g, seen=None):
+        sc = SamplerConfig(steps=4, cfg=3.0, guidance_steps=g)
+        req = VideoRequest([5, 6, 7], 3, generator=_gen(2))
+        hook = None if seen is None else (lambda i, k, s, lg: seen.append((s, lg.shape[0])))
+        return generate(tiny_model, layout, [req], sc, on_logits=hook)[0]
+
+    ref = run(None)
+    assert torch.equal(run(4), ref) and torch.equal(run(9), ref)
+    seen: list = []
+    assert not torch.equal(run(2, seen), ref)
+    assert sorted(set(seen)) == [(0, 2), (1, 2), (2, 1), (3, 1)]
+
+
+def test_guidance_steps_must_be_positive():
+    with pytest.raises(ValueError, match="guidance_steps"):
+        SamplerConfig(guidance_steps=0)

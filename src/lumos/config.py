@@ -168,6 +168,9 @@ class SamplerConfig:
     # re-based to start at frame 0 and slid by `window_stride` frames (docs/LONG_VIDEO.md)
     window: int | None = None
     window_stride: int = 1
+    # classifier-free guidance on the first `guidance_steps` steps of each frame only (None:
+    # every step); later steps run the conditional row alone (docs/LONG_VIDEO.md, real time)
+    guidance_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -184,6 +187,8 @@ class SamplerConfig:
             raise ValueError("top_p must be in (0, 1]")
         if not self.temperature > 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.guidance_steps is not None and self.guidance_steps < 1:
+            raise ValueError(f"guidance_steps must be >= 1 (or None), got {self.guidance_steps}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 latent frame (or None), got {self.window}")
         if not 1 <= self.window_stride <= (self.window or self.window_stride):

@@ -4,8 +4,9 @@ Rows are independent sequences (a video's conditional and unconditional streams,
 sessions batched together). Every forward writes its new keys/values at each row's current
 length; `advance` commits them, otherwise the next forward overwrites the same slots (this is how
 the diffusion steps of one frame run against a fixed history without copying it). The serving
-engine holds many of these, so it can report its size, be truncated, and rows can be split off,
-stacked or overwritten (a rolling window's rebuilt rows).
+engine holds many of these, so it can report its size, and rows can be split off, stacked,
+overwritten (a rolling window's rebuilt rows) or run alone (`rows`: a step that needs only the
+conditional rows of CFG pairs).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 from lumos.masks import cache_key_mask
+
+_ROW_COPIES = 4  # up to this many rows of different lengths are written row by row
 
 
 class KVCache:
@@ -90,12 +93,25 @@ class KVCache:
         if all(x == lo for x in self.lengths):
             self.k[layer, :, :, lo : lo + n] = k_new
             self.v[layer, :, :, lo : lo + n] = v_new
+        elif self.batch <= _ROW_COPIES:  # a few rows: slice copies beat one scattered write
+            for r, a in enumerate(self.lengths):
+                self.k[layer, r, :, a : a + n] = k_new[r]
+                self.v[layer, r, :, a : a + n] = v_new[r]
         else:
-            rows = torch.arange(self.batch, device=k_new.device).unsqueeze(1)  # [B, 1]
-            cols = self.lengths_tensor().unsqueeze(1) + torch.arange(n, device=k_new.device)
+            rows, cols = self._write_index(n, k_new.device)
             self.k[layer][rows, :, cols] = k_new.transpose(1, 2)  # [B, L, H, d]
             self.v[layer][rows, :, cols] = v_new.transpose(1, 2)
         return self.k[layer, :, :, :total], self.v[layer, :, :, :total]
+
+    def _write_index(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """(rows [B, 1], cols [B, n]): where a forward of n tokens per row writes; built once
+        for all layers of a forward (the lengths do not change until `advance`)."""
+        key = (tuple(self.lengths), n, str(device))
+        if getattr(self, "_index_key", None) != key:
+            rows = torch.arange(self.batch, device=device).unsqueeze(1)
+            cols = self.lengths_tensor().to(device).unsqueeze(1) + torch.arange(n, device=device)
+            self._index, self._index_key = (rows, cols), key
+        return self._index
 
     def key_mask(self, n_new: int) -> Tensor | None:
         """[B, 1, 1, T] keys visible to a block of n_new tokens, or None when lengths are equal."""
@@ -110,13 +126,6 @@ class KVCache:
         self.lengths = [a + b for a, b in zip(self.lengths, ns, strict=True)]
         self._ensure(max(self.lengths))
 
-    def truncate(self, lengths: int | list[int]) -> None:
-        """Forget everything past `lengths` (per row or one for all)."""
-        ls = [lengths] * self.batch if isinstance(lengths, int) else list(lengths)
-        if any(a > b for a, b in zip(ls, self.lengths, strict=True)):
-            raise ValueError(f"cannot truncate to {ls}: longer than {self.lengths}")
-        self.lengths = ls
-
     def assign(self, first_row: int, other: KVCache) -> None:
         """Overwrite rows [first_row, first_row + other.batch) with `other`'s rows and lengths
         (a rebuilt window replacing a video's rows in a shared cache)."""
@@ -127,6 +136,25 @@ class KVCache:
         self.k[:, first_row : first_row + n, :, :m] = other.k[:, :, :, :m]
         self.v[:, first_row : first_row + n, :, :m] = other.v[:, :, :, :m]
         self.lengths[first_row : first_row + n] = other.lengths
+
+    def rows(self, rows: list[int]) -> KVCache | RowGather:
+        """A write-through cache over some of this cache's rows (ascending): a view when they
+        are evenly spaced (a slice, or every other row: the conditional rows of CFG pairs),
+        else a gather that writes back by index."""
+        if not rows or any(b <= a for a, b in zip(rows, rows[1:])):
+            raise ValueError(f"rows must be ascending and distinct, got {rows}")
+        step = rows[1] - rows[0] if len(rows) > 1 else 1
+        if rows == list(range(rows[0], rows[-1] + 1, step)):
+            sl = slice(rows[0], rows[-1] + 1, step)
+            return KVCache.view(self.k[:, sl], self.v[:, sl], [self.lengths[r] for r in rows])
+        return RowGather(self, rows)
+
+    @staticmethod
+    def view(k: Tensor, v: Tensor, lengths: list[int]) -> KVCache:
+        """A KVCache over existing tensors [n_layers, B, H_kv, C, d] (writes go through)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v, out.lengths = k, v, list(lengths)
+        return out
 
     def select(self, rows: list[int]) -> KVCache:
         """A new cache holding copies of the given rows (trimmed to their longest length)."""
@@ -155,3 +183,39 @@ class KVCache:
             r += c.batch
         out.lengths = lengths
         return out
+
+
+class RowGather:
+    """Rows of a KVCache that no view covers, as a cache the model can write through: each
+    forward gathers their keys/values and writes the new ones back by index."""
+
+    def __init__(self, base: KVCache, rows: list[int]) -> None:
+        self.base = base
+        self.idx = torch.tensor(rows, device=base.k.device)  # [r]
+        self.lengths = [base.lengths[r] for r in rows]
+        self._cols: Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def key_mask(self, n_new: int) -> Tensor | None:
+        if all(x == self.lengths[0] for x in self.lengths):
+            return None
+        lengths = torch.tensor(self.lengths, device=self.base.k.device)
+        return cache_key_mask(lengths, n_new, max(self.lengths) + n_new)
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v_new [r, H, L, d] at each row's length; return keys/values [r, H, T, d]."""
+        n = k_new.shape[2]
+        total = max(self.lengths) + n
+        if total > self.base.capacity:
+            raise RuntimeError("KV storage too small for this forward")
+        if self._cols is None or self._cols.shape[1] != n:  # once per forward, not per layer
+            dev = k_new.device
+            lengths = torch.tensor(self.lengths, device=dev).unsqueeze(1)  # [r, 1]
+            self._cols = lengths + torch.arange(n, device=dev)  # [r, n]
+        rows, cols = self.idx.unsqueeze(1), self._cols  # [r, 1], [r, n]
+        self.base.k[layer][rows, :, cols] = k_new.transpose(1, 2)  # [r, L, H, d]
+        self.base.v[layer][rows, :, cols] = v_new.transpose(1, 2)
+        return self.base.k[layer, self.idx, :, :total], self.base.v[layer, self.idx, :, :total]

@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused kernel (a frame step is mostly small ops)
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -45,6 +47,15 @@ class HeadNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x [B, L, H, d]
         x = F.layer_norm(x, x.shape[-1:], None, None, self.eps)
         return x * self.weight + self.bias
+
+
+def _qk_norm(q: Tensor, k: Tensor, qn: HeadNorm, kn: HeadNorm) -> Tensor:
+    """q [B, L, H, d], k [B, L, Hkv, d] -> both normed, as one tensor [B, L, H + Hkv, d].
+
+    The same as qn(q) and kn(k) in half the kernels (a frame step's tensors are small, so its
+    cost is mostly per-kernel overhead): one LayerNorm over head_dim for every head."""
+    x = F.layer_norm(torch.cat([q, k], dim=2), q.shape[-1:], None, None, qn.eps)
+    return x * torch.cat([qn.weight, kn.weight]) + torch.cat([qn.bias, kn.bias])
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
@@ -86,10 +97,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> Tensor:
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, n, self.h, self.d)).transpose(1, 2)  # [B,H,L,d]
-        k = self.k_norm(self.k_proj(x).view(b, n, self.hkv, self.d)).transpose(1, 2)
+        q = self.q_proj(x).view(b, n, self.h, self.d)
+        k = self.k_proj(x).view(b, n, self.hkv, self.d)
+        if self.q_norm.eps == self.k_norm.eps:  # q and k as one tensor [B, H + Hkv, L, d]
+            qk = apply_rotary(_qk_norm(q, k, self.q_norm, self.k_norm).transpose(1, 2), cos, sin)
+            q, k = qk[:, : self.h], qk[:, self.h :]  # [B, H, L, d], [B, Hkv, L, d]
+        else:
+            q = apply_rotary(self.q_norm(q).transpose(1, 2), cos, sin)  # [B, H, L, d]
+            k = apply_rotary(self.k_norm(k).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(b, n, self.hkv, self.d).transpose(1, 2)  # [B,Hkv,L,d]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, Hkv, T, d]
         y = _attention(q, k, v, mask)  # [B, H, L, d]

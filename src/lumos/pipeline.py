@@ -169,6 +169,7 @@ class Pipeline:
             temperature=s.temperature,
             window=self.context_window(),
             window_stride=s.window_stride or min(8, self.context_window()),
+            guidance_steps=s.guidance_steps,
         )
 
     def context_window(self) -> int:
@@ -179,9 +180,18 @@ class Pipeline:
 
     def set_sampling(self, **overrides: float | int | None) -> None:
         """Override the folder's `temperature` / `top_p` / `top_k` / `tau0` / `history_mask` /
-        `window` / `window_stride` (None keeps a value); ValueError names a bad value, and then
-        nothing is changed."""
-        names = {"temperature", "top_p", "top_k", "tau0", "history_mask", "window", "window_stride"}
+        `window` / `window_stride` / `guidance_steps` (None keeps a value); ValueError names a
+        bad value, and then nothing is changed."""
+        names = {
+            "temperature",
+            "top_p",
+            "top_k",
+            "tau0",
+            "history_mask",
+            "window",
+            "window_stride",
+            "guidance_steps",
+        }
         unknown = set(overrides) - names
         if unknown:
             raise TypeError(f"not sampling settings: {sorted(unknown)}")

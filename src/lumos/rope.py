@@ -49,7 +49,8 @@ def inv_freq(head_dim: int, theta: float) -> Tensor:
 
 
 class Rotary(torch.nn.Module):
-    """Turns positions [B, 3, L] into (cos, sin) [B, L, d] for one allocation."""
+    """Turns positions [B, 3, L] into (cos, sin) [B, L, d] for one allocation (sin in the form
+    `apply_rotary` takes: its first half negated)."""
 
     def __init__(self, kind: str, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -64,17 +65,17 @@ class Rotary(torch.nn.Module):
         axis = self.axis.to(positions.device)
         p = positions.index_select(1, axis).transpose(1, 2).float()  # [B, L, F]
         ang = p * self._freq  # [B, L, F]
-        ang = torch.cat([ang, ang], dim=-1)  # [B, L, d]
-        return ang.cos(), ang.sin()
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        c, s = ang.cos(), ang.sin()
+        # channels j and j + F share frequency j; sin's first half negated (see apply_rotary)
+        return torch.cat([c, c], dim=-1), torch.cat([-s, s], dim=-1)  # [B, L, d] each
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, L, d]; cos, sin [B, L, d] (float32); computed in float32, returned in x's dtype."""
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, L, d]
+    """x [B, H, L, d]; (cos, sin) [B, L, d] from `Rotary` (float32); computed in float32,
+    returned in x's dtype.
+
+    The rotate-half rotation x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1]: `Rotary`
+    gives sin with its first half negated, so this is x cos + roll(x, d/2) sin (the same products:
+    a sign flip is exact) in fewer kernels."""
     xf = x.float()
-    return (xf * c + rotate_half(xf) * s).to(x.dtype)
+    return (xf * cos.unsqueeze(1) + xf.roll(sin.shape[-1] // 2, -1) * sin.unsqueeze(1)).to(x.dtype)

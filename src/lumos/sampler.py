@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -294,19 +295,30 @@ class VideoState:
         self.known = torch.zeros(1, lay.n_codes, dtype=torch.bool, device=self.device)
         self.s = 0
 
-    def step_tokens(self, known: Tensor | None = None) -> Tensor:
-        """[rows, B_f] the block with the known codes filled in (rows share the codes)."""
+    @property
+    def step_rows(self) -> int:
+        """Rows this step's forward needs: both streams while guidance applies (the first
+        `guidance_steps` steps of a frame), then the conditional row alone (its first row)."""
+        g = self.cfg.guidance_steps
+        return self.n_rows if g is None or self.s < g else 1
+
+    def step_tokens(self, known: Tensor | None = None, rows: int | None = None) -> Tensor:
+        """[rows, B_f] the block with the known codes filled in (rows share the codes; default:
+        every row)."""
         vocab = self.layout.vocab
+        rows = self.n_rows if rows is None else rows
         known = self.known if known is None else known
         ids = torch.where(known, vocab.visual(self.codes), torch.full_like(self.codes, vocab.mask))
-        toks = self._block_tokens.unsqueeze(0).repeat(self.n_rows, 1)  # [rows, B_f]
-        toks[:, self._offsets] = ids.expand(self.n_rows, -1)
+        toks = self._block_tokens.unsqueeze(0).repeat(rows, 1)  # [rows, B_f]
+        toks[:, self._offsets] = ids.expand(rows, -1)
         return toks
 
     def decode(self, logits: Tensor) -> None:
-        """One MaskGIT step from this video's rows' logits [rows, N, V]."""
+        """One MaskGIT step from the logits [step_rows, N, V] of this step's rows."""
         cfg = self.cfg
-        guided = combine_cfg(logits, 1, cfg.cfg, self.has_uncond)  # [1, N, V]
+        if logits.shape[0] != self.step_rows:
+            raise ValueError(f"step {self.s} needs {self.step_rows} rows, got {logits.shape[0]}")
+        guided = combine_cfg(logits, 1, cfg.cfg, logits.shape[0] > 1)  # [1, N, V]
         guided = filter_logits(guided, cfg.top_k, cfg.top_p, cfg.temperature)
         if cfg.reference_compat:
             self.tau_state *= 1.0 - (self.s + 1) / cfg.steps
@@ -341,23 +353,91 @@ class VideoState:
 # -- forwards (shared by the drivers) -------------------------------------------------------------
 
 
-def prefill(model, layout: Layout, rows: list[Sequence], capacity: int) -> KVCache:
-    """One padded, frame-causal forward of every row into a new cache of `capacity` tokens."""
+class RowThreads:
+    """Run a forward's rows as contiguous groups on `n` threads (the CPU serving engine).
+
+    A forward's rows are independent sequences, so they can run apart. The serving engine steps
+    in a worker thread, where torch's OpenMP intra-op parallelism pays ~30-60 us more per
+    parallel region than in a process's main thread (2 cores, bundled model: a frame step takes
+    36 ms in a thread against 19 ms in the main thread, and 27 ms with one intra-op thread).
+    With one intra-op thread (`torch.set_num_threads(1)`, the owner's job) and the rows split
+    over `n` threads no OpenMP region runs at all: 21 ms in any thread, and less is lost when
+    another process takes a core. The calling thread runs the first group itself.
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"row threads must be >= 1, got {n}")
+        self.n = n
+        self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="lumos-rows") if n > 1 else None
+
+    def run(self, fn: Callable[[slice], Tensor], rows: int) -> list[Tensor]:
+        """fn(a slice of rows) over contiguous groups covering range(rows), in row order."""
+        k = min(self.n, rows)
+        if k < 2 or self._pool is None:
+            return [fn(slice(0, rows))]
+        cuts = [round(i * rows / k) for i in range(k + 1)]
+        groups = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def call(sl: slice) -> Tensor:  # the caller's autograd modes (they are thread-local)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(sl)
+
+        futures = [self._pool.submit(call, sl) for sl in groups[1:]]
+        try:
+            first = fn(groups[0])
+        finally:
+            rest = [f.result() for f in futures]  # never leave a group writing the cache
+        return [first, *rest]
+
+
+def _sub(cache: KVCache, sl: slice, rows: int) -> KVCache:
+    return cache if sl.stop - sl.start == rows else cache.rows(list(range(sl.start, sl.stop)))
+
+
+def prefill(
+    model,
+    layout: Layout,
+    rows: list[Sequence],
+    capacity: int,
+    threads: RowThreads | None = None,
+) -> KVCache:
+    """One padded, frame-causal forward of every row into a new cache of `capacity` tokens
+    (split over `threads` when given and the mask is a dense tensor)."""
     param = next(model.parameters())
     cache = KVCache.for_model(model.cfg, len(rows), capacity, param.dtype, param.device)
     b = pad_batch(rows, model.cfg.rope, layout.vocab.pad)
     mask = frame_causal(b["frame"], b["valid"], model.cfg.attn_backend, param.device)
-    model(
-        b["tokens"].to(param.device), b["positions"].to(param.device), mask, cache, output="hidden"
-    )
+    toks, pos = b["tokens"].to(param.device), b["positions"].to(param.device)  # [R, L], [R, 3, L]
+
+    def fwd(sl: slice) -> Tensor:
+        m = mask[sl] if isinstance(mask, Tensor) else mask  # [r, 1, L, L]
+        return model(toks[sl], pos[sl], m, _sub(cache, sl, len(rows)), output="hidden")
+
+    if threads is None or not isinstance(mask, Tensor):
+        fwd(slice(0, len(rows)))
+    else:
+        threads.run(fwd, len(rows))
     cache.advance([len(s) for s in rows])
     return cache
 
 
-def block_forward(model, toks: Tensor, pos: Tensor, cache) -> Tensor:
+def block_forward(
+    model, toks: Tensor, pos: Tensor, cache, threads: RowThreads | None = None
+) -> Tensor:
     """Blocks [R, B_f] at positions [R, 3, B_f] against a cache -> hidden [R, B_f, D] (the
-    block's keys/values are written at each row's length, not committed)."""
-    return model(toks, pos, cache.key_mask(toks.shape[1]), cache, output="hidden")
+    block's keys/values are written at each row's length, not committed; split over `threads`
+    when given and the cache is a KVCache)."""
+    r = toks.shape[0]
+
+    def fwd(sl: slice) -> Tensor:
+        sub = _sub(cache, sl, r)
+        return model(toks[sl], pos[sl], sub.key_mask(toks.shape[1]), sub, output="hidden")
+
+    if threads is None or not isinstance(cache, KVCache):
+        return fwd(slice(0, r))
+    return torch.cat(threads.run(fwd, r))
 
 
 def code_logits(model, hidden: Tensor, offsets: Tensor) -> Tensor:
@@ -434,14 +514,20 @@ def generate(
                     cache.assign(first[i], own)
             st.begin_frame()
         while not states[0].frame_done:
+            # this step's rows of each video (its first step_rows), and where they are in the batch
+            rows = [first[i] + j for i, st in enumerate(states) for j in range(st.step_rows)]
+            at = [0]
+            for st in states:
+                at.append(at[-1] + st.step_rows)
             if use_cache:
-                toks = torch.cat([st.step_tokens() for st in states])  # [R, B_f]
-                pos = torch.cat([st.block_pos for st in states])  # [R, 3, B_f]
-                logits = code_logits(model, block_forward(model, toks, pos, cache), offsets)
+                toks = torch.cat([st.step_tokens(rows=st.step_rows) for st in states])  # [r, B_f]
+                pos = torch.cat([st.block_pos[: st.step_rows] for st in states])  # [r, 3, B_f]
+                view = cache if len(rows) == cache.batch else cache.rows(rows)
+                logits = code_logits(model, block_forward(model, toks, pos, view), offsets)
             else:
-                logits = recompute_logits(model, layout, states)
+                logits = recompute_logits(model, layout, states)[rows]
             for i, st in enumerate(states):
-                own = logits[first[i] : first[i + 1]]
+                own = logits[at[i] : at[i + 1]]
                 if on_logits is not None:
                     on_logits(i, st.k, st.s, own)
                 st.decode(own)

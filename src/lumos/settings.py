@@ -76,13 +76,16 @@ class PipelineSettings:
     # the window)
     window: int | None = None
     window_stride: int | None = None
+    # classifier-free guidance on the first N steps of each frame only, then the conditional
+    # row alone (None: every step)
+    guidance_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_frames not in ("rgb", "fps_x_duration"):
             raise ValueError(
                 f"prompt_frames must be 'rgb' or 'fps_x_duration', got {self.prompt_frames!r}"
             )
-        optional = ("max_frames", "window", "window_stride")
+        optional = ("max_frames", "window", "window_stride", "guidance_steps")
         for name in ("height", "width", "frames", "fps", "steps", *optional):
             if name in optional and getattr(self, name) is None:
                 continue
@@ -146,6 +149,7 @@ SAMPLING_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("top_k", int, "top-k sampling"),
     ("tau0", float, "MaskGIT confidence noise"),
     ("history_mask", float, "AR-DF inference masking of committed frames, in [0, 1)"),
+    ("guidance_steps", int, "CFG on the first N steps of a frame only"),
 )
 
 

@@ -95,11 +95,18 @@ class Worker:
         from lumos.pipeline import Pipeline
 
         self.started_at = time.time()
-        if threads is None and not torch.cuda.is_available():
-            threads = _assigned_cpus()
-        if threads:
-            torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if threads is None and self.device == "cpu":
+            threads = _assigned_cpus()
+        row_threads = 1
+        if threads and self.device == "cpu":
+            # the engine steps in its own thread, where OpenMP regions cost far more than in a
+            # main thread: one intra-op thread, and each forward's rows split over `threads`
+            # threads instead (lumos.sampler.RowThreads)
+            torch.set_num_threads(1)
+            row_threads = threads
+        elif threads:
+            torch.set_num_threads(threads)
         self.name = name or f"worker-{hostname()}-{os.getpid()}"
         self.model_name = "bundled" if model is None else str(model)
         self.pipe = Pipeline.from_folder(
@@ -108,7 +115,8 @@ class Worker:
         self.batching = bool(batching)
         self.max_batch = int(max_batch)
         self._engine_args = (self.pipe.model, self.pipe.layout, max_batch, kv_budget_bytes)
-        self.engine = Engine(*self._engine_args, batching=self.batching)
+        self._row_threads = row_threads
+        self.engine = Engine(*self._engine_args, batching=self.batching, row_threads=row_threads)
         self._cv = threading.Condition()
         self._inbox: list[tuple] = []
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -214,7 +222,9 @@ class Worker:
             stream.put(error)
         self._streams.clear()
         self._decoders.clear()
-        self.engine = Engine(*self._engine_args, batching=self.batching)
+        self.engine = Engine(
+            *self._engine_args, batching=self.batching, row_threads=self._row_threads
+        )
 
     def _snapshot(self) -> dict:
         st = self.engine.stats()

@@ -48,8 +48,8 @@ from lumos.config import SamplerConfig
 from lumos.engine.pool import KVPool
 from lumos.engine.scheduler import Scheduler
 from lumos.kvcache import KVCache
-from lumos.masks import cache_key_mask
 from lumos.sampler import (
+    RowThreads,
     VideoState,
     block_forward,
     cache_tokens,
@@ -89,53 +89,6 @@ class FrameEvent:
     done: bool  # the last frame of this request
 
 
-# -- KV views ------------------------------------------------------------------------------------
-
-
-def _kv_view(k: Tensor, v: Tensor, lengths: list[int]) -> KVCache:
-    """A KVCache over existing tensors (writes go through to them)."""
-    out = KVCache.__new__(KVCache)
-    out.k, out.v, out.lengths = k, v, list(lengths)
-    return out
-
-
-class _RowGather:
-    """Non-contiguous rows of a KVCache as a cache the model can write through (commits)."""
-
-    def __init__(self, base: KVCache, rows: list[int]) -> None:
-        self.base = base
-        self.idx = torch.tensor(rows, device=base.k.device)  # [r]
-        self.lengths = [base.lengths[r] for r in rows]
-
-    def key_mask(self, n_new: int) -> Tensor | None:
-        if all(x == self.lengths[0] for x in self.lengths):
-            return None
-        lengths = torch.tensor(self.lengths, device=self.base.k.device)
-        return cache_key_mask(lengths, n_new, max(self.lengths) + n_new)
-
-    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v_new [r, H, L, d] at each row's length; return keys/values [r, H, T, d]."""
-        n = k_new.shape[2]
-        total = max(self.lengths) + n
-        if total > self.base.capacity:
-            raise RuntimeError("batch KV storage too small for a commit")
-        dev = k_new.device
-        cols = torch.tensor(self.lengths, device=dev).unsqueeze(1) + torch.arange(n, device=dev)
-        rows = self.idx.unsqueeze(1)  # [r, 1]
-        self.base.k[layer][rows, :, cols] = k_new.transpose(1, 2)  # [r, L, H, d]
-        self.base.v[layer][rows, :, cols] = v_new.transpose(1, 2)
-        return self.base.k[layer, self.idx, :, :total], self.base.v[layer, self.idx, :, :total]
-
-
-def _rows_of(base: KVCache, rows: list[int]):
-    """A write-through cache over `rows` of `base`: a slice view if contiguous, else a gather."""
-    a = rows[0]
-    if rows == list(range(a, a + len(rows))):
-        b = a + len(rows)
-        return _kv_view(base.k[:, a:b], base.v[:, a:b], base.lengths[a:b])
-    return _RowGather(base, rows)
-
-
 class _BatchCache:
     """The running sessions' KV rows in one persistent storage; `view` covers the used rows."""
 
@@ -159,7 +112,7 @@ class _BatchCache:
 
     def _set_view(self, lengths: list[int]) -> None:
         r = len(lengths)
-        self.view = _kv_view(self._k[:, :r], self._v[:, :r], lengths)
+        self.view = KVCache.view(self._k[:, :r], self._v[:, :r], lengths)
 
     def _grow(self, rows: int, capacity: int) -> None:
         c = self.cfg
@@ -259,9 +212,13 @@ class Engine:
         max_batch: int = 8,
         kv_budget_bytes: int | None = None,
         batching: bool = True,
+        row_threads: int = 1,
     ) -> None:
+        """row_threads > 1: each forward's rows run as that many groups on threads
+        (`lumos.sampler.RowThreads`; the CPU worker's choice, with one intra-op thread)."""
         param = next(model.parameters())
         self.model, self.layout, self.batching = model, layout, batching
+        self.row_threads = RowThreads(row_threads) if row_threads > 1 else None
         self.device, self.dtype = param.device, param.dtype
         self.pool = KVPool(kv_budget_bytes, self.device)
         self.scheduler = Scheduler(max_batch, self.pool)
@@ -357,7 +314,7 @@ class Engine:
     def _prefill(self, state: VideoState, capacity: int) -> KVCache:
         """One padded, frame-causal forward of the state's prefix + window into a new cache."""
         self.forwards_run += 1
-        return prefill(self.model, self.layout, state.prefill_rows(), capacity)
+        return prefill(self.model, self.layout, state.prefill_rows(), capacity, self.row_threads)
 
     def _start(self, session_id: str) -> None:
         """An admitted session: reuse its warm cache or prefill, then begin its first frame."""
@@ -416,7 +373,8 @@ class Engine:
     def _logits(self, toks: Tensor, pos: Tensor, cache) -> Tensor:
         """One forward of blocks [R, B_f] against a cache -> visual logits [R, N, V] (float)."""
         self.forwards_run += 1
-        return code_logits(self.model, block_forward(self.model, toks, pos, cache), self._offsets)
+        hidden = block_forward(self.model, toks, pos, cache, self.row_threads)  # [R, B_f, D]
+        return code_logits(self.model, hidden, self._offsets)
 
     def _decode(self, sess: _Session, logits: Tensor) -> None:
         """One MaskGIT step of one session from its rows' logits [rows, N, V]."""
@@ -437,7 +395,7 @@ class Engine:
                 rows += list(range(a, a + n))
             order = sorted(range(len(rows)), key=rows.__getitem__)
             rows = [rows[i] for i in order]
-            block_forward(self.model, toks[order], pos[order], _rows_of(view, rows))
+            block_forward(self.model, toks[order], pos[order], view.rows(rows), self.row_threads)
             self.forwards_run += 1
             rowset = set(rows)
             view.advance([bl if r in rowset else 0 for r in range(view.batch)])
@@ -445,7 +403,7 @@ class Engine:
             for s, t, p in zip(
                 done, toks.split([s.n_rows for s in done]), pos.split([s.n_rows for s in done])
             ):
-                block_forward(self.model, t, p, s.cache)
+                block_forward(self.model, t, p, s.cache, self.row_threads)
                 self.forwards_run += 1
                 s.cache.advance(bl)
         events = []
@@ -474,21 +432,25 @@ class Engine:
             return []
         sessions = [self._live[sid] for sid in ids]
         if self.batching:
+            # this step's rows: each session's first step_rows (the conditional row alone once
+            # its guidance steps are over), in storage order
             view = self._batch.view
-            r, bl = view.batch, self.layout.block_len
-            toks = torch.empty(r, bl, dtype=torch.long, device=self.device)  # [R, B_f]
-            pos = torch.empty(r, 3, bl, dtype=torch.long, device=self.device)  # [R, 3, B_f]
-            for s in sessions:
-                a, n = self._batch.slots[s.sid]
-                toks[a : a + n] = s.state.step_tokens()
-                pos[a : a + n] = s.state.block_pos
-            logits = self._logits(toks, pos, view)  # [R, N, V]
-            for s in sessions:
-                a, n = self._batch.slots[s.sid]
-                self._decode(s, logits[a : a + n])
+            spans = sorted((self._batch.slots[s.sid][0], s.state.step_rows, s) for s in sessions)
+            rows = [a + j for a, n, _ in spans for j in range(n)]
+            toks = torch.cat([s.state.step_tokens(rows=n) for _, n, s in spans])  # [r, B_f]
+            pos = torch.cat([s.state.block_pos[:n] for _, n, s in spans])  # [r, 3, B_f]
+            cache = view if len(rows) == view.batch else view.rows(rows)
+            logits = self._logits(toks, pos, cache)  # [r, N, V]
+            i = 0
+            for _, n, s in spans:
+                self._decode(s, logits[i : i + n])
+                i += n
         else:
             for s in sessions:
-                self._decode(s, self._logits(s.state.step_tokens(), s.state.block_pos, s.cache))
+                n = s.state.step_rows
+                cache = s.cache if n == s.cache.batch else s.cache.rows(list(range(n)))
+                toks = s.state.step_tokens(rows=n)
+                self._decode(s, self._logits(toks, s.state.block_pos[:n], cache))
         self.steps_run += 1
         done = [s for s in sessions if s.state.frame_done]
         return self._commit(done) if done else []
