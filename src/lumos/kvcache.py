@@ -19,6 +19,15 @@ from lumos.masks import cache_key_mask
 _ROW_COPIES = 4  # up to this many rows of different lengths are written row by row
 
 
+def _key_mask(lengths: list[int], n_new: int, device) -> Tensor | None:
+    """[B, 1, 1, T] keys visible to a block of n_new tokens after rows of `lengths`, or None
+    when the lengths are equal (then every key is visible)."""
+    if all(x == lengths[0] for x in lengths):
+        return None
+    t = torch.tensor(lengths, dtype=torch.long, device=device)
+    return cache_key_mask(t, n_new, max(lengths) + n_new)
+
+
 class KVCache:
     """Keys/values [n_layers, B, H_kv, capacity, d] with per-row filled lengths [B]."""
 
@@ -115,9 +124,7 @@ class KVCache:
 
     def key_mask(self, n_new: int) -> Tensor | None:
         """[B, 1, 1, T] keys visible to a block of n_new tokens, or None when lengths are equal."""
-        if all(x == self.lengths[0] for x in self.lengths):
-            return None
-        return cache_key_mask(self.lengths_tensor(), n_new, max(self.lengths) + n_new)
+        return _key_mask(self.lengths, n_new, self.k.device)
 
     # -- the sampler's / engine's side ----------------------------------------------------------
     def advance(self, n: int | list[int]) -> None:
@@ -138,11 +145,13 @@ class KVCache:
         self.lengths[first_row : first_row + n] = other.lengths
 
     def rows(self, rows: list[int]) -> KVCache | RowGather:
-        """A write-through cache over some of this cache's rows (ascending): a view when they
-        are evenly spaced (a slice, or every other row: the conditional rows of CFG pairs),
-        else a gather that writes back by index."""
+        """A write-through cache over some of this cache's rows (ascending): this cache itself
+        for all of them, a view when they are evenly spaced (a slice, or every other row: the
+        conditional rows of CFG pairs), else a gather that writes back by index."""
         if not rows or any(b <= a for a, b in zip(rows, rows[1:])):
             raise ValueError(f"rows must be ascending and distinct, got {rows}")
+        if len(rows) == self.batch:
+            return self
         step = rows[1] - rows[0] if len(rows) > 1 else 1
         if rows == list(range(rows[0], rows[-1] + 1, step)):
             sl = slice(rows[0], rows[-1] + 1, step)
@@ -200,10 +209,7 @@ class RowGather:
         return len(self.lengths)
 
     def key_mask(self, n_new: int) -> Tensor | None:
-        if all(x == self.lengths[0] for x in self.lengths):
-            return None
-        lengths = torch.tensor(self.lengths, device=self.base.k.device)
-        return cache_key_mask(lengths, n_new, max(self.lengths) + n_new)
+        return _key_mask(self.lengths, n_new, self.base.k.device)
 
     def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v_new [r, H, L, d] at each row's length; return keys/values [r, H, T, d]."""

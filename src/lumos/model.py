@@ -53,7 +53,8 @@ def _qk_norm(q: Tensor, k: Tensor, qn: HeadNorm, kn: HeadNorm) -> Tensor:
     """q [B, L, H, d], k [B, L, Hkv, d] -> both normed, as one tensor [B, L, H + Hkv, d].
 
     The same as qn(q) and kn(k) in half the kernels (a frame step's tensors are small, so its
-    cost is mostly per-kernel overhead): one LayerNorm over head_dim for every head."""
+    cost is mostly per-kernel overhead): one LayerNorm over head_dim for every head (both norms
+    take the config's `qk_norm_eps`)."""
     x = F.layer_norm(torch.cat([q, k], dim=2), q.shape[-1:], None, None, qn.eps)
     return x * torch.cat([qn.weight, kn.weight]) + torch.cat([qn.bias, kn.bias])
 
@@ -99,12 +100,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.h, self.d)
         k = self.k_proj(x).view(b, n, self.hkv, self.d)
-        if self.q_norm.eps == self.k_norm.eps:  # q and k as one tensor [B, H + Hkv, L, d]
-            qk = apply_rotary(_qk_norm(q, k, self.q_norm, self.k_norm).transpose(1, 2), cos, sin)
-            q, k = qk[:, : self.h], qk[:, self.h :]  # [B, H, L, d], [B, Hkv, L, d]
-        else:
-            q = apply_rotary(self.q_norm(q).transpose(1, 2), cos, sin)  # [B, H, L, d]
-            k = apply_rotary(self.k_norm(k).transpose(1, 2), cos, sin)
+        # q and k normed and rotated as one tensor [B, H + Hkv, L, d]
+        qk = apply_rotary(_qk_norm(q, k, self.q_norm, self.k_norm).transpose(1, 2), cos, sin)
+        q, k = qk[:, : self.h], qk[:, self.h :]  # [B, H, L, d], [B, Hkv, L, d]
         v = self.v_proj(x).view(b, n, self.hkv, self.d).transpose(1, 2)  # [B,Hkv,L,d]
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, Hkv, T, d]

@@ -392,10 +392,6 @@ class RowThreads:
         return [first, *rest]
 
 
-def _sub(cache: KVCache, sl: slice, rows: int) -> KVCache:
-    return cache if sl.stop - sl.start == rows else cache.rows(list(range(sl.start, sl.stop)))
-
-
 def prefill(
     model,
     layout: Layout,
@@ -413,7 +409,8 @@ def prefill(
 
     def fwd(sl: slice) -> Tensor:
         m = mask[sl] if isinstance(mask, Tensor) else mask  # [r, 1, L, L]
-        return model(toks[sl], pos[sl], m, _sub(cache, sl, len(rows)), output="hidden")
+        sub = cache.rows(list(range(sl.start, sl.stop)))
+        return model(toks[sl], pos[sl], m, sub, output="hidden")
 
     if threads is None or not isinstance(mask, Tensor):
         fwd(slice(0, len(rows)))
@@ -429,15 +426,17 @@ def block_forward(
     """Blocks [R, B_f] at positions [R, 3, B_f] against a cache -> hidden [R, B_f, D] (the
     block's keys/values are written at each row's length, not committed; split over `threads`
     when given and the cache is a KVCache)."""
-    r = toks.shape[0]
 
-    def fwd(sl: slice) -> Tensor:
-        sub = _sub(cache, sl, r)
-        return model(toks[sl], pos[sl], sub.key_mask(toks.shape[1]), sub, output="hidden")
+    def fwd(t: Tensor, p: Tensor, sub) -> Tensor:
+        return model(t, p, sub.key_mask(t.shape[1]), sub, output="hidden")
 
     if threads is None or not isinstance(cache, KVCache):
-        return fwd(slice(0, r))
-    return torch.cat(threads.run(fwd, r))
+        return fwd(toks, pos, cache)
+
+    def group(sl: slice) -> Tensor:
+        return fwd(toks[sl], pos[sl], cache.rows(list(range(sl.start, sl.stop))))
+
+    return torch.cat(threads.run(group, toks.shape[0]))
 
 
 def code_logits(model, hidden: Tensor, offsets: Tensor) -> Tensor:
@@ -522,8 +521,8 @@ def generate(
             if use_cache:
                 toks = torch.cat([st.step_tokens(rows=st.step_rows) for st in states])  # [r, B_f]
                 pos = torch.cat([st.block_pos[: st.step_rows] for st in states])  # [r, 3, B_f]
-                view = cache if len(rows) == cache.batch else cache.rows(rows)
-                logits = code_logits(model, block_forward(model, toks, pos, view), offsets)
+                hidden = block_forward(model, toks, pos, cache.rows(rows))
+                logits = code_logits(model, hidden, offsets)
             else:
                 logits = recompute_logits(model, layout, states)[rows]
             for i, st in enumerate(states):

@@ -439,8 +439,7 @@ class Engine:
             rows = [a + j for a, n, _ in spans for j in range(n)]
             toks = torch.cat([s.state.step_tokens(rows=n) for _, n, s in spans])  # [r, B_f]
             pos = torch.cat([s.state.block_pos[:n] for _, n, s in spans])  # [r, 3, B_f]
-            cache = view if len(rows) == view.batch else view.rows(rows)
-            logits = self._logits(toks, pos, cache)  # [r, N, V]
+            logits = self._logits(toks, pos, view.rows(rows))  # [r, N, V]
             i = 0
             for _, n, s in spans:
                 self._decode(s, logits[i : i + n])
@@ -448,7 +447,7 @@ class Engine:
         else:
             for s in sessions:
                 n = s.state.step_rows
-                cache = s.cache if n == s.cache.batch else s.cache.rows(list(range(n)))
+                cache = s.cache.rows(list(range(n)))
                 toks = s.state.step_tokens(rows=n)
                 self._decode(s, self._logits(toks, s.state.block_pos[:n], cache))
         self.steps_run += 1
