@@ -391,6 +391,12 @@ class RowThreads:
             rest = [f.result() for f in futures]  # never leave a group writing the cache
         return [first, *rest]
 
+    def close(self) -> None:
+        """Stop the pool's threads (idle ones exit now; a running group finishes first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
 
 def prefill(
     model,

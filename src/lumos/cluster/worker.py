@@ -222,6 +222,7 @@ class Worker:
             stream.put(error)
         self._streams.clear()
         self._decoders.clear()
+        self.engine.close()  # its row threads, or every failure would leave a pool behind
         self.engine = Engine(
             *self._engine_args, batching=self.batching, row_threads=self._row_threads
         )

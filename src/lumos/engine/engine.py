@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from lumos.config import SamplerConfig
+from lumos.engine.heap import HeapTrim
 from lumos.engine.pool import KVPool
 from lumos.engine.scheduler import Scheduler
 from lumos.kvcache import KVCache
@@ -232,6 +233,7 @@ class Engine:
         self.forwards_run = 0
         self.frames_emitted = 0
         self.slides = 0  # rolling-window rebuilds (one prefill each)
+        self.heap_trim = HeapTrim()  # freed host memory back to the OS after commits (RSS flat)
 
     # -- requests ---------------------------------------------------------------------------------
     def _state(self, req: EngineRequest, generator: torch.Generator | None) -> VideoState:
@@ -418,6 +420,7 @@ class Engine:
             else:
                 self._begin_frame(s)
         self.frames_emitted += len(events)
+        self.heap_trim()
         return events
 
     @torch.inference_mode()
@@ -463,6 +466,12 @@ class Engine:
             n += 1
         return events
 
+    def close(self) -> None:
+        """Release the engine's row threads (later steps run on the calling thread alone)."""
+        if self.row_threads is not None:
+            self.row_threads.close()
+            self.row_threads = None
+
     def stats(self) -> dict:
         return {
             "running": len(self.scheduler.running),
@@ -474,5 +483,6 @@ class Engine:
             "forwards": self.forwards_run,
             "frames": self.frames_emitted,
             "slides": self.slides,
+            "heap_trims": self.heap_trim.trims,
             "pool": self.pool.snapshot(),
         }
