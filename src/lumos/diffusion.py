@@ -75,6 +75,7 @@ class Sample:
     seq: Sequence  # the clean sequence (targets)
     inputs: Tensor  # [L] tokens with MASK at masked slots
     loss_mask: Tensor  # [L] bool: masked visual-code positions
+    uncond: Sample | None = None  # the same video and masks without the text (CFG's other row)
 
 
 def make_sample(
@@ -85,12 +86,18 @@ def make_sample(
     duration: int,
     fps: int,
     g: torch.Generator | None = None,
+    twin: bool = False,
 ) -> Sample:
-    """codes [t, h, w] -> a masked AR-DF sample (text dropped with p = cfg.text_dropout)."""
+    """codes [t, h, w] -> a masked AR-DF sample (text dropped with p = cfg.text_dropout); with
+    `twin`, also its unconditional twin (no text, the same masks: guidance distillation)."""
     drop = text_ids is None or float(torch.rand((), generator=g)) < cfg.text_dropout
     seq = layout.video(None if drop else text_ids, codes, duration, fps, close=True)
     m = content_mask(cfg.scheme, codes.shape[0], layout.content_len, cfg.min_mask_ratio, g)
-    return masked_sample(layout, seq, m)
+    out = masked_sample(layout, seq, m)
+    if twin:
+        bare = seq if drop else layout.video(None, codes, duration, fps, close=True)
+        out.uncond = masked_sample(layout, bare, m)
+    return out
 
 
 def masked_sample(layout: Layout, seq: Sequence, m: Tensor) -> Sample:
@@ -106,7 +113,16 @@ def masked_sample(layout: Layout, seq: Sequence, m: Tensor) -> Sample:
 
 
 def collate(samples: list[Sample], rope: str, pad_id: int) -> dict[str, Tensor]:
-    """Right-pad samples: inputs/targets/frame [B, L], positions [B, 3, L], masks [B, L]."""
+    """Right-pad samples: inputs/targets/frame [B, L], positions [B, 3, L], masks [B, L]; when
+    the samples have unconditional twins, theirs too under keys prefixed "uncond_"."""
+    out = _collate(samples, rope, pad_id)
+    if samples and all(s.uncond is not None for s in samples):
+        twins = _collate([s.uncond for s in samples], rope, pad_id)
+        out.update({f"uncond_{k}": v for k, v in twins.items()})
+    return out
+
+
+def _collate(samples: list[Sample], rope: str, pad_id: int) -> dict[str, Tensor]:
     n = max(len(s.seq) for s in samples)
     b = len(samples)
     out = {
@@ -129,21 +145,33 @@ def collate(samples: list[Sample], rope: str, pad_id: int) -> dict[str, Tensor]:
 
 
 def _chunk_ce(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
+    """CE of h @ w^T against codes y [n] or, for y [n, V] float, against distributions."""
     return F.cross_entropy((h @ w.t()).float(), y, reduction="none")
 
 
 def masked_visual_loss(
-    model, hidden: Tensor, targets: Tensor, loss_mask: Tensor, frame: Tensor, chunk: int = 4096
+    model,
+    hidden: Tensor,
+    targets: Tensor,
+    loss_mask: Tensor,
+    frame: Tensor,
+    chunk: int = 4096,
+    soft: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Mean CE over the visual rows at masked code positions, plus per-frame sums and counts.
 
-    hidden [B, L, D], targets/frame [B, L] long, loss_mask [B, L] bool. Also returns every term:
-    per_token [N] (the CE of each masked code, in the batch's row-major order), rows [N] (its
-    sample) and frames [N] (its latent frame).
+    hidden [B, L, D], targets/frame [B, L] long, loss_mask [B, L] bool. With `soft` [N, V] (a
+    distribution over the visual codes per masked position, in the batch's row-major order) the
+    term is the KL divergence KL(soft || model) instead of the CE of the target codes (the same
+    gradient as the CE against `soft`). Also returns every term: per_token [N] (each masked
+    code's, in the batch's row-major order), rows [N] (its sample) and frames [N] (its latent
+    frame).
     """
     vocab = model.cfg.vocab_spec
     h = hidden[loss_mask]  # [N, D]
-    y = vocab.code(targets[loss_mask])  # [N]
+    y = vocab.code(targets[loss_mask]) if soft is None else soft  # [N] or [N, V]
+    if soft is not None and soft.shape[0] != h.shape[0]:
+        raise ValueError(f"soft targets for {soft.shape[0]} codes, the batch masks {h.shape[0]}")
     fr = frame[loss_mask]  # [N]
     w = model.lm_head.weight[model.visual_rows()]  # [V_vis, D]
     parts = []
@@ -153,6 +181,8 @@ def masked_visual_loss(
             parts.append(checkpoint(_chunk_ce, hc, w, yc, use_reentrant=False))
         else:
             parts.append(_chunk_ce(hc, w, yc))
+        if soft is not None:  # CE - H(soft) = KL
+            parts[-1] = parts[-1] + torch.special.xlogy(yc, yc).sum(-1)
     per_tok = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # [N]
     n_frames = int(frame.max().item()) + 1 if frame.numel() else 0
     n_frames = max(n_frames, 1)
@@ -178,12 +208,22 @@ def pad_to(x: Tensor, n: int) -> Tensor:
     return torch.cat([x, x.new_zeros(n - x.numel())]) if x.numel() < n else x
 
 
-def ardf_loss(model, batch: dict[str, Tensor], chunk: int = 4096, mask=None) -> dict[str, Tensor]:
-    """Forward a collated batch with the frame-causal mask and return the AR-DF loss dict."""
-    if mask is None:
-        device = batch["inputs"].device
-        mask = frame_causal(batch["frame"], batch["valid"], model.cfg.attn_backend, device)
-    hidden = model(batch["inputs"], batch["positions"], mask, output="hidden")
+def ardf_loss(
+    model, batch: dict[str, Tensor], chunk: int = 4096, mask=None, soft: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Forward a collated batch with the frame-causal mask and return the AR-DF loss dict
+    (against distributions `soft` [N, V] at the masked codes instead of the codes, if given)."""
+    hidden = masked_hidden(model, batch, mask)
     return masked_visual_loss(
-        model, hidden, batch["targets"], batch["loss_mask"], batch["frame"], chunk
+        model, hidden, batch["targets"], batch["loss_mask"], batch["frame"], chunk, soft
     )
+
+
+def masked_hidden(model, batch: dict[str, Tensor], mask=None, prefix: str = "") -> Tensor:
+    """The final hidden states [B, L, D] of a collated batch (its `prefix`ed keys: "uncond_"
+    for the unconditional twins) under the frame-causal mask."""
+    if mask is None:
+        device = batch[prefix + "inputs"].device
+        frame, valid = batch[prefix + "frame"], batch[prefix + "valid"]
+        mask = frame_causal(frame, valid, model.cfg.attn_backend, device)
+    return model(batch[prefix + "inputs"], batch[prefix + "positions"], mask, output="hidden")

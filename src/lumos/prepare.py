@@ -13,7 +13,9 @@ text_tokenizer.json) from a training run and its data folder. pipeline.json take
 geometry from the data folder (data.json), fps and the duration token from the run's training
 settings, and the sampling defaults from a named preset of :data:`SAMPLING_PRESETS` (default
 `fmnist`: the ones chosen for the bundled model) with `--steps` / `--cfg` / `--tau0` overrides,
-so an export never silently undoes them.
+so an export never silently undoes them. A guidance-distilled run (`lumos train --distill-cfg`)
+exports CFG 1 unless `--cfg` says otherwise: its conditional row alone samples the guided
+distribution.
 """
 
 from __future__ import annotations
@@ -252,6 +254,10 @@ def export_bundle(
     train = json.loads((src / "config.json").read_text()).get("train", {})
     meta = json.loads((data / "data.json").read_text()) if (data / "data.json").is_file() else {}
     size = int(meta.get("size", 64))
+    if train.get("distill_cfg"):  # guidance distilled: the conditional row alone (CFG 1)
+        overrides = {"cfg_video": 1.0, "cfg_image": 1.0} | {
+            k: v for k, v in (overrides or {}).items() if v is not None
+        }
     settings: dict[str, Any] = {
         "height": size,
         "width": size,

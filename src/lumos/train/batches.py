@@ -70,6 +70,7 @@ class Stream:
         self.vocab, self.scales = model_cfg.vocab_spec, model_cfg.rope_scales
         self.dcfg, self.duration, self.fps, self.seed = cfg.diffusion, duration, fps, cfg.seed
         self.order = DataOrder(len(ds), cfg.seed, _STREAM_ID[name])
+        self.twins = bool(cfg.distill_cfg)  # unconditional twins for guidance distillation
         self._layouts: dict[tuple[int, int], Layout] = {}
 
     def layout(self, h: int, w: int) -> Layout:
@@ -82,7 +83,9 @@ class Stream:
         codes, text_ids = self.ds[self.order.index(pos)]  # [t, h, w], list[int]
         g = torch.Generator().manual_seed(_mix(self.seed, _STREAM_ID[self.name], 0, pos))
         lay = self.layout(codes.shape[1], codes.shape[2])
-        return make_sample(lay, codes, text_ids, self.dcfg, self.duration, self.fps, g)
+        return make_sample(
+            lay, codes, text_ids, self.dcfg, self.duration, self.fps, g, twin=self.twins
+        )
 
 
 class StepPlan:

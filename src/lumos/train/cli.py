@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an EMA of the weights for sampling in OUT/latest/ema (e.g. 0.999; 0: off)",
     )
     p.add_argument(
+        "--distill-cfg",
+        type=float,
+        help="guidance distillation: train the --init-from model's conditional row to sample "
+        "what CFG at this scale samples (the export then runs CFG 1, one row a step)",
+    )
+    p.add_argument(
         "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None
     )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -86,6 +92,7 @@ _FLAG_FIELDS = (
     "init_from",
     "grow_layers",
     "ema_decay",
+    "distill_cfg",
     "activation_checkpointing",
     "compile",
     "bf16",

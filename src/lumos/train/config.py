@@ -48,6 +48,9 @@ class TrainConfig:
     init_from: str | None = None  # a model folder (ours or official) to start from
     grow_layers: int = 0  # with init_from: deepen the loaded model to this many layers (0: keep)
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights for sampling (latest/ema/)
+    # > 1: guidance distillation at this CFG scale, the init_from model as the frozen teacher
+    # (lumos.train.distill); 0: the AR-DF objective
+    distill_cfg: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -81,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grow_layers and not self.init_from:
             raise ValueError("grow_layers deepens a loaded model: it needs init_from")
+        if self.distill_cfg != 0.0 and not self.distill_cfg > 1.0:
+            raise ValueError(f"distill_cfg must be > 1 (or 0: off), got {self.distill_cfg}")
+        if self.distill_cfg and not self.init_from:
+            raise ValueError("distill_cfg distils a teacher: it needs init_from (the teacher)")
 
     @property
     def diffusion(self) -> DiffusionConfig:

@@ -17,6 +17,7 @@ from lumos.diffusion import ardf_loss, pad_to
 from lumos.model import Lumos
 from lumos.train.batches import IMAGE, VIDEO, StepBatches, StepPlan, Stream, open_shards
 from lumos.train.config import TrainConfig, model_flops_per_token
+from lumos.train.distill import frozen_teacher, guided_targets
 from lumos.train.distributed import DistInfo, init_distributed, resolve_device
 from lumos.train.state import (
     build_train_model,
@@ -31,14 +32,25 @@ from lumos.train.state import (
 
 
 class ARDFObjective(nn.Module):
-    """The model plus its AR-DF loss in one module, so DDP sees every parameter in forward."""
+    """The model plus its AR-DF loss in one module, so DDP sees every parameter in forward.
 
-    def __init__(self, model: Lumos, chunk: int) -> None:
+    With a `teacher` (guidance distillation, `lumos.train.distill`) the targets are the
+    teacher's CFG distributions at scale `distill_cfg` instead of the clean codes; the teacher
+    is held outside the module's parameters (never trained, saved or synchronised)."""
+
+    def __init__(
+        self, model: Lumos, chunk: int, teacher: Lumos | None = None, distill_cfg: float = 0.0
+    ) -> None:
         super().__init__()
         self.model, self.chunk = model, chunk
+        self.__dict__["teacher"] = teacher  # not a submodule
+        self.distill_cfg = distill_cfg
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return ardf_loss(self.model, batch, self.chunk)
+        soft = None
+        if self.teacher is not None:
+            soft = guided_targets(self.teacher, batch, self.distill_cfg, self.chunk)
+        return ardf_loss(self.model, batch, self.chunk, soft=soft)
 
 
 # =========================================================================== logging
@@ -142,7 +154,10 @@ def train(
     if cfg.compile:
         for layer in model.layers:
             layer.compile()
-    objective: nn.Module = ARDFObjective(model, cfg.loss_chunk)
+    teacher = None
+    if cfg.distill_cfg:  # the --init-from model, as loaded before any training step
+        teacher = frozen_teacher(build_train_model(cfg, dev, None))
+    objective: nn.Module = ARDFObjective(model, cfg.loss_chunk, teacher, cfg.distill_cfg)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
