@@ -378,7 +378,9 @@ def test_many_one_frame_sessions_live_as_grains_in_two_hosts_all_reachable(cfg):
     limits = Limits(max_sessions=n, max_sessions_per_owner=n, max_stored_sessions_per_owner=n)
 
     async def body():
-        client = await LumosClient.start(cfg(limits=limits))
+        # idle sessions deactivate after session_idle_s: keep every grain active for longer than
+        # making them all takes (over 60 s on a slow 2-core host: 983 of 1,000 were still active)
+        client = await LumosClient.start(cfg(limits=limits, session_idle_s=3600.0))
         try:
             sem = asyncio.Semaphore(16)
 
