@@ -430,18 +430,21 @@ def test_row_threads_split_rows_in_order_and_keep_autograd_modes():
 def test_closing_an_engine_ends_its_row_threads(tiny_model, layout):
     import threading
 
-    def pool_threads():
-        return sum(t.name.startswith("lumos-rows") for t in threading.enumerate())
+    def pool_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("lumos-rows")}
 
+    # Earlier tests' engines may still own pool threads, which end whenever those engines are
+    # collected, so this follows the threads this engine starts, not a global count.
     before = pool_threads()
     sc = SamplerConfig(steps=2, cfg=2.0)
     eng = Engine(tiny_model, layout, row_threads=3)
     eng.add(EngineRequest("a", [5, 6], None, 1, sc, generator=_gen(0)))
     want = _codes(eng.run_until_idle())
-    assert pool_threads() > before  # two rows: one group here, one on a pool thread
+    mine = pool_threads() - before
+    assert mine  # two rows: one group here, one on a pool thread
     eng.close()
-    for t in [t for t in threading.enumerate() if t.name.startswith("lumos-rows")]:
+    for t in mine:
         t.join(timeout=5)
-    assert pool_threads() == before
+    assert not any(t.is_alive() for t in mine)
     eng.add(EngineRequest("b", [5, 6], None, 1, sc, generator=_gen(0)))
     assert torch.equal(_codes(eng.run_until_idle()), want)  # still steps, on one thread
