@@ -27,8 +27,9 @@ Three parts:
 
 Modules, one concern each: :mod:`~lumos.evaluate.classifier`, :mod:`~lumos.evaluate.tracker`,
 :mod:`~lumos.evaluate.metrics` (per-clip scores, features, Frechet distance),
-:mod:`~lumos.evaluate.run` (prompts, generation, aggregation) and :mod:`~lumos.evaluate.cli`
-(``lumos eval``). Every public name is re-exported here.
+:mod:`~lumos.evaluate.run` (prompts, generation, aggregation), :mod:`~lumos.evaluate.compare`
+(two runs on the same seeds, item by item: ``lumos eval --against``) and
+:mod:`~lumos.evaluate.cli` (``lumos eval``). Every public name is re-exported here.
 """
 
 from lumos.evaluate.classifier import (
@@ -41,6 +42,7 @@ from lumos.evaluate.classifier import (
     train_classifier,
 )
 from lumos.evaluate.cli import format_confusion, format_per_frame, format_table, main
+from lumos.evaluate.compare import compare_results, format_comparison, paired_difference
 from lumos.evaluate.metrics import (
     METRICS,
     clip_features,
@@ -77,6 +79,9 @@ __all__ = [
     "motion",
     "evaluate_tokenizer",
     "METRICS",
+    "paired_difference",
+    "compare_results",
+    "format_comparison",
     "WEIGHTS_FILE",
     "META_FILE",
 ]

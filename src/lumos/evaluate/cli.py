@@ -11,6 +11,7 @@ from typing import Any
 from lumos.data import CLASSES
 from lumos.devices import DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
+from lumos.evaluate.compare import compare_results, format_comparison
 from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer
 from lumos.settings import add_sampling_flags, sampling_overrides
 
@@ -112,6 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--motion", action="store_true", help="also print how directions go wrong, speeds, jumps"
     )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="BASE.json",
+        help="compare with an earlier --json run on the same prompts and seeds, item by item",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        metavar="NEW.json",
+        help="with --against: compare this stored run instead of running a model",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=0.03, help="--against: how much worse is no worse"
+    )
     p.add_argument("--epochs", type=int, default=3, help="epochs for --train-classifier")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -125,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         meta = train_classifier(args.classifier, args.epochs, args.seed, log=log)
         print(f"classifier t10k test accuracy: {meta['test_accuracy']:.4f}")
         return 0
+
+    if args.results and not args.against:
+        p.error("--results compares a stored run: it needs --against BASE.json")
+    if not args.tolerance >= 0:
+        p.error(f"--tolerance must be >= 0, got {args.tolerance}")
+    base = _read_results(p, args.against, "--against") if args.against else None
+    if args.results:
+        return _print_comparison(p, _read_results(p, args.results, "--results"), base, args)
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:
@@ -222,4 +246,29 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {path}")
+    if base is not None:
+        return _print_comparison(p, results, base, args)
+    return 0
+
+
+def _read_results(p: argparse.ArgumentParser, path: str, flag: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        p.error(f"{flag} {path}: no such file")
+    except (OSError, ValueError) as e:
+        p.error(f"{flag} {path}: not a lumos eval --json file ({e})")
+    if not isinstance(data, dict) or not isinstance(data.get("splits"), dict):
+        p.error(f"{flag} {path}: not a lumos eval --json file (no 'splits')")
+    return data
+
+
+def _print_comparison(
+    p: argparse.ArgumentParser, new: dict[str, Any], base: dict[str, Any], args: Any
+) -> int:
+    try:
+        cmp = compare_results(new, base, args.tolerance)
+    except (KeyError, TypeError, ValueError) as e:
+        p.error(f"--against: {e}")
+    print(format_comparison(cmp, args.tolerance))
     return 0
