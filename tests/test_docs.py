@@ -25,7 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def markdown_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def links(text: str) -> list[str]:
@@ -55,7 +55,7 @@ def test_link_checker_sees_links_and_catches_broken_ones(tmp_path):
     assert missing == ["pic.png", "other.md#part"]
 
 
-@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve_inside_the_repository(path):
     assert path.is_file()
     for target, resolved in relative_targets(path):
@@ -63,7 +63,7 @@ def test_relative_links_resolve_inside_the_repository(path):
         assert resolved.exists(), f"{path.name}: {target} does not exist"
 
 
-@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_do_not_point_outside_the_repository(path):
     text = path.read_text()
     assert "../shared" not in text, f"{path.name} refers to ../shared"
