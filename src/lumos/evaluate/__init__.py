@@ -41,8 +41,14 @@ from lumos.evaluate.classifier import (
     load_classifier,
     train_classifier,
 )
-from lumos.evaluate.cli import format_confusion, format_per_frame, format_table, main
-from lumos.evaluate.compare import compare_results, format_comparison, paired_difference
+from lumos.evaluate.cli import (
+    format_comparison,
+    format_confusion,
+    format_per_frame,
+    format_table,
+    main,
+)
+from lumos.evaluate.compare import compare_results, paired_difference
 from lumos.evaluate.metrics import (
     METRICS,
     clip_features,

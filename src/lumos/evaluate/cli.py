@@ -11,7 +11,7 @@ from typing import Any
 from lumos.data import CLASSES
 from lumos.devices import DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
-from lumos.evaluate.compare import compare_results, format_comparison
+from lumos.evaluate.compare import compare_results
 from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer
 from lumos.settings import add_sampling_flags, sampling_overrides
 
@@ -22,6 +22,15 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
+
+
+def _grid(rows: list[list[str]], rule: bool = True) -> str:
+    """Right-aligned text columns; with `rule`, a line of dashes under the first row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -39,10 +48,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     rows = [["split", *(c for c, _ in cols)]]
     for name, r in results.items():
         rows.append([name, *(_fmt(r.get(k)) for _, k in cols)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(wd) for cell, wd in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * wd for wd in widths))
-    return "\n".join(lines)
+    return _grid(rows)
 
 
 def format_confusion(conf: dict[str, dict[str, int]], title: str = "") -> str:
@@ -55,8 +61,7 @@ def format_confusion(conf: dict[str, dict[str, int]], title: str = "") -> str:
         n = sum(row.values())
         cells = [str(row.get(c, 0)) for c in cols]
         rows.append([cls, *cells, f"{row.get(cls, 0) / max(n, 1):.2f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    return _grid(rows, rule=False)
 
 
 def format_per_frame(pf: dict[str, list[float]], title: str = "") -> str:
@@ -65,6 +70,26 @@ def format_per_frame(pf: dict[str, list[float]], title: str = "") -> str:
     for f, (a, b, c) in enumerate(zip(pf["present"], pf["class"], pf["identity"])):
         lines.append(f"{f:>{len(title) + 6}}  {a:7.3f}  {b:5.3f}  {c:8.3f}")
     return "\n".join(lines)
+
+
+def format_comparison(cmp: dict[str, dict[str, dict[str, Any]]], tolerance: float) -> str:
+    """A text table of `lumos.evaluate.compare.compare_results`: one row per split and metric."""
+    rows = [["split", "metric", "new", "base", "new - base", "95% interval", "verdict"]]
+    for split, metrics in cmp.items():
+        for name, m in metrics.items():
+            rows.append(
+                [
+                    split,
+                    name,
+                    f"{m['new']:.3f}",
+                    f"{m['base']:.3f}",
+                    f"{m['diff']:+.3f}",
+                    f"[{m['low']:+.3f}, {m['high']:+.3f}]",
+                    m["verdict"],
+                ]
+            )
+    head = f"paired against the base run (tolerance {tolerance:g}: no worse = interval above -tol)"
+    return f"{head}\n{_grid(rows)}"
 
 
 def main(argv: list[str] | None = None) -> int:

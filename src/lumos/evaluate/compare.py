@@ -115,26 +115,3 @@ def compare_results(
     if not splits:
         raise ValueError("the two results share no split (seen, heldout)")
     return {s: paired_difference(new["splits"][s], base["splits"][s], tolerance) for s in splits}
-
-
-def format_comparison(cmp: dict[str, dict[str, dict[str, Any]]], tolerance: float) -> str:
-    """A text table of `compare_results`: one row per split and metric."""
-    rows = [["split", "metric", "new", "base", "new - base", "95% interval", "verdict"]]
-    for split, metrics in cmp.items():
-        for name, m in metrics.items():
-            rows.append(
-                [
-                    split,
-                    name,
-                    f"{m['new']:.3f}",
-                    f"{m['base']:.3f}",
-                    f"{m['diff']:+.3f}",
-                    f"[{m['low']:+.3f}, {m['high']:+.3f}]",
-                    m["verdict"],
-                ]
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    head = f"paired against the base run (tolerance {tolerance:g}: no worse = interval above -tol)"
-    return "\n".join([head, *lines])
