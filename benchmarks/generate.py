@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="auto (default), float32 or bfloat16")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_folder(args.model, device=args.device)
+    pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
     load = time.perf_counter() - t0
     pipe.set_sampling(guidance_steps=args.guidance_steps)
     runs = []
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         if pipe.device.type == "cuda"
         else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "model": args.model or "bundled",
+        "dtype": str(next(pipe.model.parameters()).dtype).removeprefix("torch."),
         "frames": int(video.shape[0]),
         "latent_frames": pipe.latent_frames(args.frames),
         "steps": args.steps or s.steps,

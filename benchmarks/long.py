@@ -113,7 +113,10 @@ async def _stack_session(server, args, points: list[int]) -> dict:
     rss: dict[str, int] = {}
     kv: dict[str, int] = {}
     worker = runtime.get_actor(runtime.list_workers(server.namespace)[0], server.namespace)
-    pid = (await worker.info.remote())["pid"]
+    t0 = time.perf_counter()
+    while (info := await worker.info.remote())["compile"] == "compiling":
+        await asyncio.sleep(1.0)  # measure the steady state, not the eager warm-up
+    pid, compiled, waited = info["pid"], info["compile"], time.perf_counter() - t0
     owner = "long-" + uuid.uuid4().hex
     async with httpx.AsyncClient(base_url=server.url.rstrip("/"), timeout=120) as http:
         body = {"prompt": args.prompt, "frames": min(args.chunk, total), "seed": 0}
@@ -165,6 +168,8 @@ async def _stack_session(server, args, points: list[int]) -> dict:
         "kv_bytes": kv,
         "mp4_bytes": len(mp4.content),
         "frames_received": len(times),
+        "compile": compiled,
+        "compile_wait_seconds": waited,
     }
 
 
@@ -196,6 +201,7 @@ def run_stack(args) -> dict:
             max_batch=1,
             session_idle_s=600.0,
             limits=Limits(max_frames_per_request=args.chunk),
+            compile=args.compile,
         )
         server = Server(cfg, ws_ping_interval=None)
         server.namespace = ns
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stride", type=int, default=None, help="window stride (default: folder's)")
     p.add_argument("--guidance-steps", type=int, default=None, help="CFG steps (folder's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", default="auto", help="compile the frame steps: auto, on, off")
     p.add_argument("--engine-only", action="store_true")
     p.add_argument("--stack-only", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a frame may take")
@@ -232,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     from lumos.pipeline import Pipeline
 
     pipe = Pipeline.from_folder(None if args.model == "bundled" else args.model)
+    if not args.stack_only:
+        t0 = time.perf_counter()
+        pipe.compiled(args.compile)
+        compile_s = time.perf_counter() - t0
     pipe.set_sampling(
         window=args.window, window_stride=args.stride, guidance_steps=args.guidance_steps
     )
@@ -245,9 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
         "window_stride": sc.window_stride,
         "guidance_steps": sc.guidance_steps,
         "chunk": args.chunk,
+        "dtype": str(next(pipe.model.parameters()).dtype).removeprefix("torch."),
+        "compile": args.compile,
     }
     if not args.stack_only:
         eng = run_engine(args, pipe)
+        eng["compiled"] = pipe.model.compiled is not None
+        eng["compile_seconds"] = compile_s
         res["engine"] = eng
     if not args.engine_only:
         if args.window is not None or args.stride is not None or args.guidance_steps:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lumos.devices import DTYPE_CHOICES
+from lumos.devices import COMPILE_CHOICES, DTYPE_CHOICES
 from lumos.settings import add_sampling_flags, sampling_overrides
 
 
@@ -33,6 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         dtype=args.dtype,
         resolution=args.resolution,
+        compile=args.compile,
     )
     try:
         pipe.set_sampling(**sampling_overrides(args))
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=DTYPE_CHOICES,
         help="auto: bfloat16 on GPUs and CPUs with hardware bf16 (AVX512-BF16, AMX), else float32",
+    )
+    g.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_CHOICES,
+        help="compile the frame steps first (~30-60 s on 2 cores; auto: on AMX CPUs in bf16); "
+        "pays for long videos",
     )
     g.add_argument("-q", "--quiet", action="store_true")
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lumos.checkpoint import load_model, read_config
 from lumos.config import SamplerConfig
-from lumos.devices import resolve_dtype
+from lumos.devices import resolve_compile, resolve_dtype
 from lumos.sampler import VideoRequest, generate
 from lumos.sequence import Layout, prompt_text
 from lumos.settings import Conditioning, PipelineSettings
@@ -63,18 +63,22 @@ class Pipeline:
         tokenizer: str | Path | None = None,
         dtype: torch.dtype | str | None = None,
         resolution: str | None = None,
+        compile: str = "off",
     ) -> Pipeline:
         """Load ours (default: the bundled model) or an official checkpoint folder. dtype None or
         "auto": bfloat16 on CUDA and on CPUs with hardware bf16 (AVX512-BF16 or AMX), else float32
         (`resolve_dtype`). "random" / "random:<preset>" (random weights, for tests) stay float32
         unless a dtype is named. The visual tokenizer runs on the model's device. `resolution`
-        ("WIDTHxHEIGHT") overrides the folder's (official: 448x256 unless given)."""
+        ("WIDTHxHEIGHT") overrides the folder's (official: 448x256 unless given). `compile`
+        ("off", "on", "auto": `resolve_compile`) compiles the frame steps before returning
+        (`compile_steps`: ~30-60 s on 2 cores, worth it for long or many videos)."""
         if str(folder).startswith("random"):  # "random" or "random:<preset>"
             preset = str(folder).partition(":")[2] or "fmnist"
             pipe = cls.random(preset, device=device or "cpu")
             if dtype not in (None, "auto"):
                 pipe.model.to(resolve_dtype(dtype, device or "cpu"))
-            return pipe.at_resolution(resolution) if resolution else pipe
+            pipe = pipe.at_resolution(resolution) if resolution else pipe
+            return pipe.compiled(compile)
         folder = Path(folder) if folder is not None else BUNDLED
         if not folder.is_dir():
             hint = (
@@ -106,7 +110,22 @@ class Pipeline:
             visual = load_visual_tokenizer(tok_dir, device=device)
             text = TextTokenizer.from_file(text_file)
         pipe = cls(model, visual, text, settings)
-        return pipe.at_resolution(resolution) if resolution else pipe
+        pipe = pipe.at_resolution(resolution) if resolution else pipe
+        return pipe.compiled(compile)
+
+    def compiled(self, choice: str = "on") -> Pipeline:
+        """This pipeline with its frame steps compiled when `choice` resolves to on
+        (`resolve_compile`; blocks while compiling), for this resolution's frame block."""
+        if resolve_compile(choice, str(self.device), next(self.model.parameters()).dtype):
+            self.compile_steps()
+        return self
+
+    def compile_steps(self, batches: tuple[int, ...] = (1, 2)) -> None:
+        """Compile and warm the model's frame steps for these batch sizes (`compile_steps`;
+        blocking: call it in a thread to keep generating eagerly meanwhile)."""
+        from lumos.model import compile_steps
+
+        compile_steps(self.model, self.layout.block_len, batches)
 
     def at_resolution(self, resolution: str) -> Pipeline:
         """The same model and tokenizers at another "WIDTHxHEIGHT" (a multiple of the latent

@@ -19,7 +19,7 @@ import ray
 import ray.exceptions
 
 from lumos.cluster.limits import Limits
-from lumos.devices import DTYPE_CHOICES
+from lumos.devices import COMPILE_CHOICES, DTYPE_CHOICES
 from lumos.settings import parse_resolution
 
 WORKER_PREFIX = "worker-"
@@ -59,6 +59,9 @@ class ServeConfig:
     kv_budget_bytes: int | None = None
     batching: bool = True  # False: one forward per session per step (the benchmark's reference)
     dtype: str = "auto"  # the workers' inference dtype: auto | float32 | bfloat16
+    # compile the workers' frame steps (in the background, serving eagerly meanwhile):
+    # auto (on for AMX CPUs in bf16) | on | off
+    compile: str = "auto"
     resolution: str | None = None  # "WIDTHxHEIGHT" for the workers' model (None: the folder's)
     session_idle_s: float = 300.0
     # session hosts (silos) of the cluster, fixed when its first API process starts (host 0
@@ -81,6 +84,8 @@ class ServeConfig:
             parse_resolution(self.resolution)  # a clear error here, not in every worker
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.session_hosts is not None and self.session_hosts < 1:
             raise ValueError(f"session_hosts must be >= 1, got {self.session_hosts}")
         if self.session_idle_s <= 0:
@@ -247,6 +252,7 @@ def start_local_workers(cfg: ServeConfig, count: int | None = None, host: str | 
         kv_budget_bytes=cfg.kv_budget_bytes,
         batching=cfg.batching,
         dtype=cfg.dtype,
+        compile=cfg.compile,
         resolution=cfg.resolution,
     )
 

@@ -22,7 +22,7 @@ import threading
 
 from lumos.cluster import runtime
 from lumos.cluster.runtime import ServeConfig
-from lumos.devices import DTYPE_CHOICES
+from lumos.devices import COMPILE_CHOICES, DTYPE_CHOICES
 
 
 def _gpu_count() -> int:
@@ -34,6 +34,10 @@ def _gpu_count() -> int:
         return 0
 
 
+COMPILE_HELP = (
+    "compile the workers' frame steps in the background, serving meanwhile (auto: on for AMX "
+    "CPUs in bfloat16, where a frame is ~1.5x faster; ~1 min on 2 cores)"
+)
 RESOLUTION_HELP = "WIDTHxHEIGHT of the model (default: the folder's; official: 448x256 or 672x384)"
 
 
@@ -70,6 +74,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
         choices=DTYPE_CHOICES,
         help="inference dtype (auto: bfloat16 on GPUs and bf16 CPUs: AVX512-BF16, AMX)",
     )
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help=COMPILE_HELP)
     p.add_argument("--resolution", default=None, help=RESOLUTION_HELP)
     a = p.parse_args(argv)
     workers = a.workers if a.workers is not None else max(1, _gpu_count())
@@ -87,6 +92,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
             session_idle_s=a.session_idle_s,
             session_hosts=a.session_hosts,
             dtype=a.dtype,
+            compile=a.compile,
             resolution=a.resolution,
             host=a.host,
             port=a.port,
@@ -108,6 +114,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--kv-budget-bytes", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help=COMPILE_HELP)
     p.add_argument("--resolution", default=None, help=RESOLUTION_HELP)
     p.add_argument(
         "--resources",
@@ -148,6 +155,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         max_batch=a.max_batch,
         kv_budget_bytes=a.kv_budget_bytes,
         dtype=a.dtype,
+        compile=a.compile,
         resolution=a.resolution,
     )
     for info in ray.get([h.info.remote() for h in handles]):

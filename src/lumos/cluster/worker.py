@@ -38,6 +38,7 @@ torch is imported inside the actor only: the API process imports this module to 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,9 @@ import numpy as np
 import ray
 
 from lumos.cluster.runtime import hostname
+from lumos.devices import resolve_compile
+
+log = logging.getLogger(__name__)
 
 
 class RequestCancelled(RuntimeError):
@@ -88,6 +92,7 @@ class Worker:
         batching: bool = True,
         dtype: str = "auto",
         resolution: str | None = None,
+        compile: str = "off",
     ) -> None:
         import torch
 
@@ -128,6 +133,23 @@ class Worker:
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="lumos-io")  # PNG in, PNG out
         self._thread = threading.Thread(target=self._loop, name="lumos-engine", daemon=True)
         self._thread.start()
+        self.compile_state = "off"  # off | compiling | ready | failed: <error>
+        if resolve_compile(compile, self.device, next(self.pipe.model.parameters()).dtype):
+            self.compile_state = "compiling"
+            threading.Thread(target=self._compile, name="lumos-compile", daemon=True).start()
+
+    def _compile(self) -> None:
+        """Compile the frame steps beside the engine thread, which steps eagerly until the
+        graphs for its batch sizes are warm (`lumos.model.CompiledLayers`)."""
+        try:
+            rows = (1, 2) if self._row_threads > 1 else (2, 4)  # a CFG pair: 1 row per thread
+            self.pipe.compile_steps(rows)
+        except Exception as e:  # serve on eagerly: compiling is an optimisation
+            self.pipe.model.compiled = None
+            self.compile_state = f"failed: {type(e).__name__}: {e}"[:300]
+            log.warning("compiling the frame steps failed; serving eagerly: %s", e)
+        else:
+            self.compile_state = "ready"
 
     # -- the engine thread ------------------------------------------------------------------------
     def _submit(self, command: tuple) -> None:
@@ -400,6 +422,7 @@ class Worker:
             "codebook_size": p.visual.codebook_size,
             "batching": self.batching,
             "dtype": str(next(p.model.parameters()).dtype).removeprefix("torch."),
+            "compile": self.compile_state,
             "started_at": self.started_at,
         }
 
