@@ -2,10 +2,11 @@
 
     python benchmarks/generate.py --json out.json [--model DIR|random] [--frames 16]
 
-Prints a table and writes JSON with: device, model, frames (RGB), latent_frames, steps, cfg,
+Prints a table and writes JSON with: device, model, dtype, frames (RGB), latent_frames, steps, cfg,
 seconds (generation + decode, model load excluded), frames_per_s (RGB), ms_per_latent_frame,
 model_fps (the fps the video plays at), realtime (frames_per_s / model_fps: >= 1 means one
-session is made at least as fast as it plays; issue 14's target on the 2-core CPU), load_seconds.
+session is made at least as fast as it plays; issue 14's target on the 2-core CPU), load_seconds,
+compiled and compile_seconds (`--compile on`: the frame steps compiled first, not timed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="auto (default), float32 or bfloat16")
+    p.add_argument("--compile", default="off", help="compile the frame steps: off, on, auto")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
     load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe.compiled(args.compile)
+    compile_s = time.perf_counter() - t0
     pipe.set_sampling(guidance_steps=args.guidance_steps)
     runs = []
     for r in range(args.repeats):
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model_fps": s.fps,
         "realtime": video.shape[0] / secs / s.fps,
         "load_seconds": load,
+        "compiled": pipe.model.compiled is not None,
+        "compile_seconds": compile_s,
     }
     emit(res, args.json)
     return res

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lumos.data import CLASSES
-from lumos.devices import DTYPE_CHOICES
+from lumos.devices import COMPILE_CHOICES, DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
 from lumos.evaluate.compare import compare_results
 from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer
@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_CHOICES,
+        help="compile the frame steps first (lumos.model.CompiledLayers; auto: AMX CPUs in bf16)",
+    )
     p.add_argument("--real", action="store_true", help="also score real clips (the ceiling)")
     p.add_argument("--real-only", action="store_true", help="score real clips only, no model")
     p.add_argument(
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "frames": args.frames,
             "window_from": args.window_from,
             "dtype": args.dtype,
+            "compile": args.compile,
             "temperature": args.temperature,
             "top_p": args.top_p,
             "top_k": args.top_k,
@@ -216,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         from lumos.pipeline import Pipeline
 
         try:
-            pipe = Pipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
+            pipe = Pipeline.from_folder(
+                args.model, device=args.device, dtype=args.dtype, compile=args.compile
+            )
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"lumos eval: {e}") from None
         try:
