@@ -34,6 +34,10 @@ def _gpu_count() -> int:
         return 0
 
 
+MODEL_HELP = (
+    "model folder, 'bundled' (default), 'bundled:live' (the distilled student: real time on "
+    "2 CPU cores), 'random' or 'random:<preset>'"
+)
 COMPILE_HELP = (
     "compile the workers' frame steps in the background, serving meanwhile (auto: on for AMX "
     "CPUs in bfloat16, where a frame is ~1.5x faster; ~1 min on 2 cores)"
@@ -49,7 +53,7 @@ def build_config(argv: list[str] | None = None) -> ServeConfig:
     store = p.add_mutually_exclusive_group()
     store.add_argument("--redis-url", default=None, help="redis://host:port/db session store")
     store.add_argument("--store", default=None, help="store URL (sqlite:///path.db or redis://)")
-    p.add_argument("--model", default=None, help="model folder, 'random' or 'random:<preset>'")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument(
         "--workers",
         type=int,
@@ -108,7 +112,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="lumos worker", description="join this host's GPUs")
     p.add_argument("--ray-address", default="auto", help="the cluster to join (default: auto)")
-    p.add_argument("--model", default=None, help="model folder, 'random' or 'random:<preset>'")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--gpus", type=int, default=None, help="workers to start (default: all GPUs)")
     p.add_argument("--namespace", default="lumos")
     p.add_argument("--max-batch", type=int, default=8)
