@@ -68,19 +68,3 @@ def test_inference_dtype_auto_and_explicit():
         assert next(pipe.model.parameters()).dtype == want
         video = pipe.text_to_video("a red sneaker moves left", frames=2, steps=4, seed=3)
         assert video.shape == (2, 64, 64, 3) and video.float().mean() > 1.0
-
-
-def test_bundled_live_model_loads_by_name_with_its_fast_sampling():
-    """The name "bundled:live" loads the distilled student that ships beside the default."""
-    from lumos.pipeline import BUNDLED_MODELS
-
-    live = BUNDLED_MODELS["bundled:live"]
-    assert (live / "model" / "model.safetensors").is_file()
-    pipe = Pipeline.from_folder("bundled:live")
-    s = pipe.settings
-    assert (s.steps, s.cfg_video, s.cfg_image) == (8, 1.0, 1.0)  # one row a step, 8 steps
-    video = pipe.text_to_video("a red bag moves left", frames=4, seed=0)
-    assert video.shape == (4, 64, 64, 3) and video.dtype == torch.uint8
-    assert video.float().mean() > 1.0  # items drawn on the black background
-    with pytest.raises(FileNotFoundError, match="bundled:other"):
-        Pipeline.from_folder("bundled:other")

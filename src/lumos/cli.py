@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", default=None, help="first frame (image-to-video)")
     g.add_argument("--extend", default=None, help="a video file to continue by --frames RGB frames")
-    g.add_argument("--model", default=None, help="folder, bundled (default) or bundled:live")
+    g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     g.add_argument(
         "--resolution",
         default=None,

@@ -28,20 +28,9 @@ from lumos.sequence import Layout, prompt_text
 from lumos.settings import Conditioning, PipelineSettings
 from lumos.tokenizers import TextTokenizer, VisualTokenizer, load_visual_tokenizer
 
-__all__ = [
-    "BUNDLED",
-    "BUNDLED_MODELS",
-    "COSMOS_DIR",
-    "Conditioning",
-    "Pipeline",
-    "PipelineSettings",
-]
+__all__ = ["BUNDLED", "COSMOS_DIR", "Conditioning", "Pipeline", "PipelineSettings"]
 
 BUNDLED = Path(__file__).parent / "assets" / "fmnist"
-# the models that ship in the package, by the name `--model` accepts (docs/MODEL_CARD.md):
-# "bundled" (the default: CFG 4, 16 steps) and "bundled:live" (its guidance-distilled student:
-# CFG 1, 8 steps, one row a step: fast enough to play live on 2 CPU cores)
-BUNDLED_MODELS = {"bundled": BUNDLED, "bundled:live": BUNDLED.parent / "fmnist-live"}
 COSMOS_DIR = "Cosmos-Tokenizer-DV4x8x8"
 
 
@@ -90,13 +79,11 @@ class Pipeline:
                 pipe.model.to(resolve_dtype(dtype, device or "cpu"))
             pipe = pipe.at_resolution(resolution) if resolution else pipe
             return pipe.compiled(compile)
-        if folder is None or str(folder) in BUNDLED_MODELS:
-            folder = BUNDLED_MODELS[str(folder or "bundled")]
-        folder = Path(folder)
+        folder = Path(folder) if folder is not None else BUNDLED
         if not folder.is_dir():
             hint = (
                 " (the bundled model is missing: see docs/MODEL_CARD.md)"
-                if folder in BUNDLED_MODELS.values()
+                if folder == BUNDLED
                 else ""
             )
             raise FileNotFoundError(f"model folder {folder} does not exist{hint}")

@@ -35,8 +35,8 @@ def _gpu_count() -> int:
 
 
 MODEL_HELP = (
-    "model folder, 'bundled' (default), 'bundled:live' (the distilled student: real time on "
-    "2 CPU cores), 'random' or 'random:<preset>'"
+    "model folder (default: the bundled model; docs/MODEL_CARD.md builds a real-time distilled "
+    "one), 'random' or 'random:<preset>'"
 )
 COMPILE_HELP = (
     "compile the workers' frame steps in the background, serving meanwhile (auto: on for AMX "
