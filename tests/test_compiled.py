@@ -4,14 +4,13 @@ where they apply, from several threads at once, and in the worker (compiled in t
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 
 import pytest
 import torch
 
 from lumos.config import model_preset
-from lumos.devices import resolve_compile
+from lumos.devices import has_cxx_compiler, resolve_compile
 from lumos.kvcache import KVCache
 from lumos.model import CompiledLayers, build_model, compile_steps
 from lumos.sampler import RowThreads, block_forward
@@ -19,7 +18,7 @@ from lumos.sampler import RowThreads, block_forward
 L = 12  # the block length the tiny model is compiled for
 
 needs_cxx = pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    not has_cxx_compiler(),
     reason="inductor needs a C++ compiler for CPU kernels",
 )
 
@@ -121,7 +120,7 @@ def test_resolve_compile_choices():
     assert resolve_compile("auto", "cuda", torch.bfloat16) is False
     with pytest.raises(ValueError, match="unknown compile choice 'fast'"):
         resolve_compile("fast", "cpu", torch.float32)
-    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if has_cxx_compiler():
         assert resolve_compile("on", "cpu", torch.float32) is True
 
 

@@ -93,20 +93,25 @@ def bf16_is_faster(rows: int, dim: int, out: int, rounds: int = 15, calls: int =
 COMPILE_CHOICES = ("auto", "on", "off")  # what --compile and ServeConfig.compile accept
 
 
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on PATH (inductor builds its CPU kernels with one)."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def resolve_compile(choice: str, device: str, dtype: torch.dtype) -> bool:
     """Whether to compile the frame steps (`lumos.model.CompiledLayers`): "on", "off", or
     "auto": on only where it was measured to pay, a CPU with AMX tiles running bfloat16 (2-core
     Sapphire Rapids: a frame 1.5x faster), off elsewhere (CUDA and other CPUs: not measured).
     "on" needs a C++ compiler (inductor builds CPU kernels with it): a clear error otherwise."""
-    import shutil
-
     import torch
 
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"unknown compile choice {choice!r}; choose auto, on or off")
     if choice == "off":
         return False
-    has_cxx = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    has_cxx = has_cxx_compiler()
     if choice == "on":
         if str(device).startswith("cpu") and not has_cxx:
             raise ValueError("compile on needs a C++ compiler (g++ or clang++) on this machine")
