@@ -177,6 +177,38 @@ def test_items_bounce_and_render():
     assert bounced > 5
 
 
+def test_late_windows_start_anywhere_in_either_sign():
+    late = MovingFashionConfig(late=1.0)
+    room = late.size - late.item_size
+    signs, near_wall = set(), 0
+    for clip in MovingFashionDataset(late, "train", length=120, seed=2):
+        assert clip.context == late.late_context == 8
+        for it in clip.items:
+            unit = np.array(DIRECTION_VECTORS[it.direction])  # captioned (first) direction
+            step = np.diff(it.positions, axis=0)  # [T-1, 2]
+            assert (np.abs(step).sum(axis=1) <= it.speed_px).all()  # the same bouncing physics
+            assert it.positions.min() >= 0 and it.positions.max() <= room
+            signs.add(int(np.sign(step[0] @ unit)))
+            axis = 0 if unit[0] else 1
+            ahead = (
+                it.positions[0, axis]
+                if (unit @ step[0]) * unit[axis] < 0
+                else room - it.positions[0, axis]
+            )
+            near_wall += int(ahead < it.speed_px * 7)  # a fresh clip never bounces this early
+    assert signs == {-1, 1} and near_wall > 10
+    mixed = [c.context for c in MovingFashionDataset(MovingFashionConfig(late=0.3), length=200)]
+    assert set(mixed) == {0, 8} and 30 < mixed.count(8) < 90
+    # late == 0 draws nothing extra: the clips of every existing dataset are unchanged
+    a, b = make_clip(9, CFG), make_clip(9, MovingFashionConfig(late=0.0))
+    np.testing.assert_array_equal(a.video, b.video)
+    assert a.context == 0 and make_clip(9, late, images=True).context == 0
+    with pytest.raises(ValueError, match="late must be"):
+        MovingFashionConfig(late=1.5)
+    with pytest.raises(ValueError, match="late_context"):
+        MovingFashionConfig(late=0.5, late_context=16)
+
+
 def test_image_clips_and_forced_spec():
     ds = MovingFashionDataset(CFG, "train", length=10, seed=0, images=True)
     clip = ds[0]
@@ -307,6 +339,22 @@ def test_shards_round_trip(tmp_path):
     assert clone._open == {} and torch.equal(clone[4][0], sh[4][0])
     with pytest.raises(FileExistsError):
         write_shards(ds, pool_codes, encode_text, tmp_path / "sh")
+
+
+def test_shards_keep_each_clips_context(tmp_path):
+    ds = MovingFashionDataset(MovingFashionConfig(late=0.5), "train", length=12, seed=1)
+    write_shards(ds, pool_codes, encode_text, tmp_path / "sh", shard_size=5, codebook_size=256)
+    sh = ShardDataset(tmp_path / "sh")
+    # pool_codes makes 4 latent frames of 16: 8 history frames are 2 latent frames
+    assert [sh.context(i) for i in range(12)] == [ds[i].context // 4 for i in range(12)]
+    assert {sh.context(i) for i in range(12)} == {0, 2}
+    # a version-1 shard (six index columns, written before contexts existed) reads as context 0
+    index = tmp_path / "sh" / "shard_00000.index.npy"
+    np.save(index, np.load(index)[:, :6])
+    old = ShardDataset(tmp_path / "sh")
+    assert old.context(0) == 0 and torch.equal(old[0][0], sh[0][0])
+    with pytest.raises(ValueError, match="context 16 must be in"):
+        write_shards([(ds[0].video, "x", 16)], pool_codes, encode_text, tmp_path / "bad")
 
 
 def test_shards_large_codebook_and_mixed_grids(tmp_path):

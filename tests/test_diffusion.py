@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +68,21 @@ def test_sample_masks_only_content_and_loss_only_on_codes(layout):
     # tube: the same content slots are masked in every frame
     per = [masked[sp.content_start : sp.content_start + layout.content_len] for sp in s.seq.spans]
     assert all(torch.equal(per[0], p) for p in per)
+
+
+def test_context_frames_are_inputs_but_not_supervised(layout):
+    codes = torch.randint(0, 512, (3, 3, 4), generator=torch.Generator().manual_seed(1))
+    cfg = DiffusionConfig(text_dropout=0.0)
+    full = make_sample(layout, codes, [5, 6], cfg, 2, 12, torch.Generator().manual_seed(2))
+    late = make_sample(
+        layout, codes, [5, 6], cfg, 2, 12, torch.Generator().manual_seed(2), context=2
+    )
+    assert torch.equal(full.inputs, late.inputs)  # the history is masked the same way
+    cut = full.seq.spans[2].start
+    assert not late.loss_mask[:cut].any() and full.loss_mask[:cut].any()
+    assert torch.equal(late.loss_mask[cut:], full.loss_mask[cut:])
+    with pytest.raises(ValueError, match="context 3 must be in"):
+        make_sample(layout, codes, [5], cfg, 2, 12, context=3)
 
 
 def test_text_dropout_starts_at_video_start(layout):

@@ -200,6 +200,18 @@ def test_main_real_only(tmp_path):
     assert r["colour_accuracy"] == 1.0 and r["direction_accuracy"] >= 0.75
 
 
+def test_main_real_only_late_window(tmp_path, capsys):
+    path = tmp_path / "late.json"
+    argv = ["--real-only", "--split", "heldout", "--prompts", "2", "--frames", "40"]
+    assert main([*argv, "--window-from", "24", "--json", str(path), "-q"]) == 0
+    r = json.loads(path.read_text())["real"]["heldout"]
+    assert r["frames"] == 40 and len(r["per_frame"]["present"]) == 16  # frames [24, 40)
+    assert r["colour_accuracy"] == 1.0
+    with pytest.raises(SystemExit):
+        main([*argv, "--window-from", "40", "-q"])
+    assert "--window-from must be in [0, 40)" in capsys.readouterr().err
+
+
 def test_train_classifier_never_overwrites_the_bundled_one(capsys):
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in CLASSIFIER_DIR.iterdir()}
     with pytest.raises(SystemExit):

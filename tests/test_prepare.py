@@ -98,3 +98,29 @@ def test_train_tokenizer_rejects_an_unknown_preset(tmp_path, capsys):
         tokenizer_main(["--out", str(tmp_path / "tok"), "--preset", "nope", "--clips", "1"])
     assert "unknown tokenizer preset 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
+
+
+def test_late_windows_reach_training_as_unsupervised_history(built, tmp_path, capsys):
+    import shutil
+
+    from lumos.config import model_preset
+    from lumos.data import ShardDataset
+    from lumos.train.batches import VIDEO, Stream
+
+    data = tmp_path / "late"
+    data.mkdir()
+    shutil.copytree(built["data"] / "tokenizer", data / "tokenizer")
+    shutil.copy(built["data"] / "text_tokenizer.json", data / "text_tokenizer.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare(data, videos=3, images=1, late=1.0)
+    assert _json(data / "data.json")["late"] == 1.0
+    ds = ShardDataset(data / "shards/video")
+    assert [ds.context(i) for i in range(3)] == [8, 8, 8]  # the shipped tokenizer: 1 latent/frame
+    cfg = train_preset("fmnist", steps=1, batch_size=1)
+    stream = Stream(VIDEO, ds, model_preset("fmnist"), cfg, 1, 2, 8)
+    s = stream.sample(0)
+    cut = s.seq.spans[8].start
+    assert not s.loss_mask[:cut].any() and s.loss_mask[cut:].any()
+    assert main(["--out", str(tmp_path / "bad"), "--late", "2"]) == 2
+    assert "late must be a fraction in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

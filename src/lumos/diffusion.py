@@ -87,21 +87,25 @@ def make_sample(
     fps: int,
     g: torch.Generator | None = None,
     twin: bool = False,
+    context: int = 0,
 ) -> Sample:
     """codes [t, h, w] -> a masked AR-DF sample (text dropped with p = cfg.text_dropout); with
-    `twin`, also its unconditional twin (no text, the same masks: guidance distillation)."""
+    `twin`, also its unconditional twin (no text, the same masks: guidance distillation).
+    `context`: the clip's first frames are history (a window from late in a long video): they
+    are masked as inputs like every frame, but only frames >= context are supervised."""
     drop = text_ids is None or float(torch.rand((), generator=g)) < cfg.text_dropout
     seq = layout.video(None if drop else text_ids, codes, duration, fps, close=True)
     m = content_mask(cfg.scheme, codes.shape[0], layout.content_len, cfg.min_mask_ratio, g)
-    out = masked_sample(layout, seq, m)
+    out = masked_sample(layout, seq, m, context)
     if twin:
         bare = seq if drop else layout.video(None, codes, duration, fps, close=True)
-        out.uncond = masked_sample(layout, bare, m)
+        out.uncond = masked_sample(layout, bare, m, context)
     return out
 
 
-def masked_sample(layout: Layout, seq: Sequence, m: Tensor) -> Sample:
-    """Mask the content slots of every frame of `seq` by m [n_frames, L_f] (True = MASK)."""
+def masked_sample(layout: Layout, seq: Sequence, m: Tensor, context: int = 0) -> Sample:
+    """Mask the content slots of every frame of `seq` by m [n_frames, L_f] (True = MASK); the
+    loss covers the masked codes of frames >= `context`."""
     lf = layout.content_len
     slots = torch.zeros(len(seq), dtype=torch.bool)
     starts = torch.tensor([s.content_start for s in seq.spans])  # [n]
@@ -109,7 +113,12 @@ def masked_sample(layout: Layout, seq: Sequence, m: Tensor) -> Sample:
     slots[pos] = m.reshape(-1)
     inputs = seq.tokens.clone()
     inputs[slots] = layout.vocab.mask
-    return Sample(seq=seq, inputs=inputs, loss_mask=slots & seq.is_code)
+    loss = slots & seq.is_code  # [L]
+    if context:
+        if not 0 <= context < len(seq.spans):
+            raise ValueError(f"context {context} must be in [0, {len(seq.spans)}) frames")
+        loss[: seq.spans[context].start] = False
+    return Sample(seq=seq, inputs=inputs, loss_mask=loss)
 
 
 def collate(samples: list[Sample], rope: str, pad_id: int) -> dict[str, Tensor]:

@@ -121,13 +121,16 @@ def prepare(
     tokenizer_clips: int = TOKENIZER_CLIPS,
     eval_clips: int = 64,
     log_every: int = 50,
+    late: float = 0.0,
 ) -> dict[str, Any]:
     """Build DIR/tokenizer, DIR/text_tokenizer.json and DIR/shards/{video,image}; see the module
-    docstring. Returns the report also written to DIR/data.json."""
+    docstring. `late`: the fraction of video clips that are windows from late in a long video
+    (:class:`~lumos.data.MovingFashionConfig`). Returns the report also written to
+    DIR/data.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
-    cfg = MovingFashionConfig(frames=frames)
+    cfg = MovingFashionConfig(frames=frames, late=late)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "config.json").is_file():
         t0 = time.time()
@@ -199,6 +202,7 @@ def prepare(
         )
         _say(f"shards/{name}: {len(ds)} clips in {time.time() - t0:.0f}s")
     meta = {"frames": frames, "size": cfg.size, "videos": videos, "images": images, "seed": seed}
+    meta["late"] = late
     (out / "data.json").write_text(json.dumps({**meta, **report}))
     return report
 
@@ -352,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-steps", type=int, default=2000)
     p.add_argument("--text-vocab", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--late",
+        type=float,
+        default=0.0,
+        help="fraction of video clips that are windows from late in a long video (items "
+        "anywhere, either sign along the captioned axis; the first 8 frames are history)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--export", nargs=2, metavar=("RUN", "DEST"), help="export RUN to DEST instead")
     p.add_argument(
@@ -373,7 +384,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"exported {dest}")
         return 0
-    prepare(a.out, a.videos, a.images, a.frames, a.tokenizer_steps, a.text_vocab, a.seed, a.device)
+    try:
+        MovingFashionConfig(frames=a.frames, late=a.late)
+    except ValueError as e:
+        print(f"lumos prepare-data: {e}", file=sys.stderr)
+        return 2
+    prepare(
+        a.out,
+        a.videos,
+        a.images,
+        a.frames,
+        a.tokenizer_steps,
+        a.text_vocab,
+        a.seed,
+        a.device,
+        late=a.late,
+    )
     return 0
 
 

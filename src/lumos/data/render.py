@@ -84,6 +84,9 @@ class Clip:
     caption: str
     items: list[Item] = field(default_factory=list)
     split: str = ""
+    context: int = (
+        0  # leading frames that are history (a late window): training supervises the rest
+    )
 
 
 @dataclass
@@ -96,6 +99,12 @@ class MovingFashionConfig:
     default dataset seed; ``caption_speed``: put the speed adverb in captions;
     ``distinct_colours``: sampled items of one clip get different colours; ``fmnist_root``:
     folder of the FMNIST files (default: see :func:`load_fashion_mnist`).
+    ``late``: the fraction of video clips that are windows from late in a long video (what a
+    rolling context window shows the model after many frames): every item starts anywhere on
+    the canvas, moving along its captioned axis in either sign (the bouncing motion's
+    stationary distribution), and the caption still names the video's first direction; such a
+    clip's first ``late_context`` frames are history (:attr:`Clip.context`), the frames a
+    training step supervises come after them.
     """
 
     size: int = 64
@@ -109,6 +118,8 @@ class MovingFashionConfig:
     caption_speed: bool = True
     distinct_colours: bool = True
     fmnist_root: str | None = None
+    late: float = 0.0
+    late_context: int = 8
 
     def __post_init__(self) -> None:
         self.held_out = frozenset(tuple(t) for t in self.held_out)
@@ -129,6 +140,13 @@ class MovingFashionConfig:
                 raise ValueError(f"speed {name}={px} px/frame must be in 1..{room} (size-item)")
         for t in self.held_out:
             _check_triple(*t)
+        if not 0.0 <= self.late <= 1.0:
+            raise ValueError(f"late must be a fraction in [0, 1], got {self.late}")
+        if self.late and not 1 <= self.late_context < self.frames:
+            raise ValueError(
+                f"late_context must be in [1, frames - 1] = [1, {self.frames - 1}], "
+                f"got {self.late_context}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (e.g. for a checkpoint); inverse of :meth:`from_dict`."""
@@ -155,12 +173,19 @@ def _item_image(split: str, index: int, cfg: MovingFashionConfig) -> np.ndarray:
 
 
 def _trajectory(
-    rng: np.random.Generator, cfg: MovingFashionConfig, direction: str | None, speed_px: int, t: int
+    rng: np.random.Generator,
+    cfg: MovingFashionConfig,
+    direction: str | None,
+    speed_px: int,
+    t: int,
+    late: bool = False,
 ) -> np.ndarray:
     """Top-left positions ``int64 [T, 2]`` (y, x), bouncing off the canvas borders.
 
     The start is drawn so that the item keeps its initial direction for at least half the
-    clip (or crosses the whole free range) before its first bounce.
+    clip (or crosses the whole free range) before its first bounce. ``late``: a window from
+    late in a long video instead: the start is anywhere and the sign along the captioned axis
+    is a coin flip.
     """
     room = cfg.size - cfg.item_size  # positions live in [0, room]
     pos = rng.integers(0, room + 1, size=2)  # [2] (y, x)
@@ -169,9 +194,12 @@ def _trajectory(
     dy, dx = DIRECTION_VECTORS[direction]
     axis = 0 if dy else 1
     sign = dy or dx
-    run = min(room, speed_px * math.ceil((t - 1) / 2))  # distance needed before the wall
-    ahead = int(rng.integers(run, room + 1))  # distance to the wall we move towards
-    pos[axis] = ahead if sign < 0 else room - ahead
+    if late:
+        sign = sign if rng.random() < 0.5 else -sign
+    else:
+        run = min(room, speed_px * math.ceil((t - 1) / 2))  # distance needed before the wall
+        ahead = int(rng.integers(run, room + 1))  # distance to the wall we move towards
+        pos[axis] = ahead if sign < 0 else room - ahead
     vel = np.zeros(2, np.int64)
     vel[axis] = sign * speed_px
     out = np.empty((t, 2), np.int64)  # [T, 2]
@@ -270,6 +298,7 @@ def make_clip(
         if not specs:
             raise ValueError("spec must name at least one item")
 
+    late = not images and cfg.late > 0 and rng.random() < cfg.late  # no draw when late == 0
     fm_split = "train" if split == "train" else "test"
     per_class = _class_indices(fm_split, cfg.fmnist_root)
     video = np.zeros((t, cfg.size, cfg.size, 3), np.uint8)  # [T, H, W, 3], black
@@ -281,7 +310,7 @@ def make_clip(
         rgb = np.asarray(COLOURS[s.colour], np.uint16)  # [3]
         patch = ((gray[:, :, None] * rgb + 127) // 255).astype(np.uint8)  # [S, S, 3]
         speed_px = cfg.speeds[s.speed] if s.speed is not None else 0
-        pos = _trajectory(rng, cfg, s.direction, speed_px, t)  # [T, 2] (y, x)
+        pos = _trajectory(rng, cfg, s.direction, speed_px, t, late)  # [T, 2] (y, x)
         k = cfg.item_size
         for f, (y, x) in enumerate(pos):
             region = video[f, y : y + k, x : x + k]  # [S, S, 3] view
@@ -290,7 +319,8 @@ def make_clip(
             Item(s.cls, s.colour, s.direction, s.speed, pos, index, cfg.item_size, speed_px)
         )
     caption = build_caption([it.spec for it in items], with_speed=cfg.caption_speed)
-    return Clip(video=video, caption=caption, items=items, split=split)
+    context = cfg.late_context if late else 0
+    return Clip(video=video, caption=caption, items=items, split=split, context=context)
 
 
 class MovingFashionDataset(Dataset):

@@ -16,19 +16,20 @@ from torch.utils.data import Dataset
 from lumos.data.render import Clip
 
 SHARD_FORMAT = "lumos-shards"
-SHARD_VERSION = 1
+SHARD_VERSION = 2
 MANIFEST = "manifest.json"
-# index columns: code offset, t, h, w, text offset, text length
-_INDEX_COLS = 6
+# index columns: code offset, t, h, w, text offset, text length, context (version 1: no context)
+_INDEX_COLS = 7
 
 
-def _clip_parts(clip: Any) -> tuple[Any, str]:
+def _clip_parts(clip: Any) -> tuple[Any, str, int]:
+    """(video, caption, context frames) of a Clip, a dict or a (video, caption[, context])."""
     if isinstance(clip, Clip):
-        return clip.video, clip.caption
+        return clip.video, clip.caption, clip.context
     if isinstance(clip, dict):
-        return clip["video"], clip["caption"]
-    video, caption = clip
-    return video, caption
+        return clip["video"], clip["caption"], int(clip.get("context", 0))
+    video, caption, *rest = clip
+    return video, caption, int(rest[0]) if rest else 0
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -51,12 +52,14 @@ def write_shards(
 ) -> dict[str, Any]:
     """Pre-tokenise clips into memory-mappable shards; returns the manifest.
 
-    ``clips``: :class:`Clip` s, ``(video, caption)`` pairs or ``{"video", "caption"}`` dicts.
+    ``clips``: :class:`Clip` s, ``(video, caption[, context])`` tuples or ``{"video",
+    "caption"[, "context"]}`` dicts; ``context``: the clip's leading history frames (0: none),
+    stored in latent frames (``context * t // T``: those made of history frames alone).
     ``encode_video(uint8 [T, H, W, 3]) -> int codes [t, h, w]`` (LongTensor or array; a 2-D
     ``[h, w]`` result is taken as ``t == 1``); ``encode_text(str) -> list[int]``.
     Per shard ``k`` in ``out_dir``: ``shard_{k:05d}.codes.npy`` (all codes flat; ``uint16``
     when ``codebook_size <= 65536``, else ``int32``), ``.text.npy`` (text ids flat, ``int32``),
-    ``.index.npy`` (``int64 [n, 6]``: code offset, t, h, w, text offset, text length) and
+    ``.index.npy`` (``int64 [n, 7]``: code offset, t, h, w, text offset, text length, context) and
     ``.captions.json``; then ``manifest.json`` (written last) with the codebook size, the
     grid ``[t, h, w]`` (``null`` if it varies), counts, tokenizer name and ``metadata``.
     ``codebook_size=None`` infers ``max code + 1`` and picks the dtype per shard.
@@ -81,9 +84,10 @@ def write_shards(
     buf_text: list[np.ndarray] = []  # each flat [L]
     buf_shape: list[tuple[int, int, int]] = []
     buf_caps: list[str] = []
+    buf_context: list[int] = []
 
     def flush() -> None:
-        nonlocal buf_codes, buf_text, buf_shape, buf_caps
+        nonlocal buf_codes, buf_text, buf_shape, buf_caps, buf_context
         if not buf_shape:
             return
         k = len(shards)
@@ -93,13 +97,14 @@ def write_shards(
         hi = codebook_size if codebook_size is not None else int(codes.max(initial=0)) + 1
         dtype = np.uint16 if hi <= 2**16 else np.int32
         n = len(buf_shape)
-        index = np.zeros((n, _INDEX_COLS), np.int64)  # [n, 6]
+        index = np.zeros((n, _INDEX_COLS), np.int64)  # [n, 7]
         code_lens = np.array([c.size for c in buf_codes], np.int64)  # [n]
         text_lens = np.array([x.size for x in buf_text], np.int64)  # [n]
         index[:, 0] = np.cumsum(code_lens) - code_lens
         index[:, 1:4] = np.array(buf_shape, np.int64)
         index[:, 4] = np.cumsum(text_lens) - text_lens
         index[:, 5] = text_lens
+        index[:, 6] = buf_context
         _save_npy(out / f"{stem}.codes.npy", codes.astype(dtype))
         _save_npy(out / f"{stem}.text.npy", text.astype(np.int32))
         _save_npy(out / f"{stem}.index.npy", index)
@@ -113,10 +118,10 @@ def write_shards(
                 "num_text_tokens": int(text.size),
             }
         )
-        buf_codes, buf_text, buf_shape, buf_caps = [], [], [], []
+        buf_codes, buf_text, buf_shape, buf_caps, buf_context = [], [], [], [], []
 
     for clip in clips:
-        video, caption = _clip_parts(clip)
+        video, caption, context = _clip_parts(clip)
         codes = encode_video(video)
         if hasattr(codes, "detach"):
             codes = codes.detach().cpu().numpy()
@@ -129,6 +134,10 @@ def write_shards(
                 f"{codes.dtype} {tuple(codes.shape)}"
             )
         codes = codes.astype(np.int64)  # [t, h, w]
+        n_rgb = int(np.shape(video)[0])
+        if not 0 <= context < max(n_rgb, 1):
+            raise ValueError(f"context {context} must be in [0, T) for a clip of T = {n_rgb}")
+        context = context * codes.shape[0] // n_rgb  # latent frames made of history alone
         if codes.size and codes.min() < 0:
             raise ValueError("encode_video returned negative codes")
         if codebook_size is not None and codes.size and codes.max() >= codebook_size:
@@ -142,6 +151,7 @@ def write_shards(
         buf_text.append(ids)
         buf_shape.append(tuple(int(s) for s in codes.shape))
         buf_caps.append(caption)
+        buf_context.append(context)
         totals["codes"] += codes.size
         totals["text"] += ids.size
         totals["samples"] += 1
@@ -227,6 +237,12 @@ class ShardDataset(Dataset):
         row = self._arrays(k)[2][j]
         return int(row[1]), int(row[2]), int(row[3])
 
+    def context(self, index: int) -> int:
+        """Leading history frames of sample ``index`` (0 for a fresh clip or a version-1 shard)."""
+        k, j = self._locate(index)
+        row = self._arrays(k)[2][j]
+        return int(row[6]) if len(row) > 6 else 0
+
     def caption(self, index: int) -> str:
         """Original caption of sample ``index``."""
         k, j = self._locate(index)
@@ -238,7 +254,7 @@ class ShardDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
         k, j = self._locate(index)
         codes, text, idx = self._arrays(k)
-        off, t, h, w, toff, tlen = (int(v) for v in idx[j])
+        off, t, h, w, toff, tlen = (int(v) for v in idx[j][:6])
         flat = np.asarray(codes[off : off + t * h * w], dtype=np.int64)  # [t*h*w] copy
         ids = np.asarray(text[toff : toff + tlen], dtype=np.int64).tolist()  # [L]
         return torch.from_numpy(flat).reshape(t, h, w), ids

@@ -259,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows[f"tokenized real {s}"] = r
     if args.real or args.real_only:
         frames = results["settings"]["frames"] or 16
+        if args.window_from is not None and not 0 <= args.window_from < frames:
+            p.error(f"--window-from must be in [0, {frames}) (the clip's RGB frames)")
         results["real"] = {}
         for s in splits:
-            r = evaluate_real(s, args.prompts, seeds, frames, classifier, log)
+            r = evaluate_real(s, args.prompts, seeds, frames, classifier, log, args.window_from)
             results["real"][s] = r
             rows[f"real {s}"] = r
     print(f"classifier t10k accuracy: {_fmt(results['classifier']['test_accuracy'])}")

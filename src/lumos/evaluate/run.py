@@ -166,14 +166,19 @@ def evaluate_real(
     frames: int = 16,
     classifier: FashionClassifier | None = None,
     log: Callable[[str], None] | None = None,
+    window_from: int | None = None,
 ) -> dict[str, Any]:
     """The scores of :func:`evaluate` on *real* clips (:func:`~lumos.data.make_clip` with the
     prompts' specs): the ceiling of every score and a check of the tracker. The Frechet
     distances compare these clips with a second, independent set of real clips (their floor).
+    ``window_from``: score only frames ``[window_from, frames)`` of each clip, as
+    :func:`evaluate` does (the real late-window ceiling: items have bounced by then).
     """
+    if window_from is not None and not 0 <= window_from < frames:
+        raise ValueError(f"window_from must be in [0, {frames}), got {window_from}")
 
     def make(caption: str, specs: list[ItemSpec], p: int, seed: int) -> np.ndarray:
-        return _real_clip(specs, split, frames, seed, p)
+        return _real_clip(specs, split, frames, seed, p)[window_from or 0 :]
 
     return _run(make, split, n_prompts, seeds, frames, classifier, 10_000, log)
 

@@ -80,11 +80,20 @@ class Stream:
         return self._layouts[(h, w)]
 
     def sample(self, pos: int) -> Sample:
-        codes, text_ids = self.ds[self.order.index(pos)]  # [t, h, w], list[int]
+        i = self.order.index(pos)
+        codes, text_ids = self.ds[i]  # [t, h, w], list[int]
         g = torch.Generator().manual_seed(_mix(self.seed, _STREAM_ID[self.name], 0, pos))
         lay = self.layout(codes.shape[1], codes.shape[2])
         return make_sample(
-            lay, codes, text_ids, self.dcfg, self.duration, self.fps, g, twin=self.twins
+            lay,
+            codes,
+            text_ids,
+            self.dcfg,
+            self.duration,
+            self.fps,
+            g,
+            twin=self.twins,
+            context=self.ds.context(i),
         )
 
 
