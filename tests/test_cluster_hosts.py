@@ -104,6 +104,14 @@ def test_placement_ranks_by_fill_then_kv_and_keeps_affinity():
     even = {f"w{i}": load(0) for i in range(4)}
     picks = {choose(even, f"session-{i}") for i in range(64)}
     assert picks == set(even)
+    # among equals a host takes a worker on its own node: two hosts placing at once on idle
+    # workers (neither sees the other's placement yet) do not pile onto one hashed worker
+    nodes = {"w0": {**load(0), "node": "n0"}, "w1": {**load(0), "node": "n1"}}
+    for i in range(16):
+        assert choose(nodes, f"session-{i}", node="n0") == "w0"
+        assert choose(nodes, f"session-{i}", node="n1") == "w1"
+    busier = {"w0": {**load(1), "node": "n0"}, "w1": {**load(0), "node": "n1"}}
+    assert choose(busier, "s", node="n0") == "w1"  # locality never beats load
 
 
 # -- KV release, idle deactivation with an open subscriber ---------------------------------------

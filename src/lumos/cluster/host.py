@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 from lumos.cluster.placement import WorkerView
-from lumos.cluster.runtime import host_name
+from lumos.cluster.runtime import current_node, host_name
 from lumos.cluster.session import POLL_BATCH, Session, frame_dict, state_dict
 from lumos.store import ACTIVE_STATUSES, SessionNotFound, open_store
 
@@ -52,7 +52,7 @@ class SessionHost:
         self.index, self.n_hosts = int(index), int(n_hosts)
         self.idle_s = float(idle_s)
         self.store = open_store(store_url)
-        self.workers = WorkerView(namespace)
+        self.workers = WorkerView(namespace, current_node())
         self.sessions: dict[str, Session] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._changed: dict[str, asyncio.Event] = {}

@@ -164,6 +164,11 @@ def hostname() -> str:
     return socket.gethostname().split(".")[0] or "local"
 
 
+def current_node() -> str | None:
+    """This process's Ray node id (None outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def worker_name(index: int, host: str | None = None) -> str:
     return f"{WORKER_PREFIX}{host or hostname()}-{index}"
 

@@ -28,6 +28,7 @@ No torch here: session hosts are small processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -49,6 +50,7 @@ MAX_WORKER_RETRIES = 8  # worker losses tolerated within one generation
 WORKER_WAIT_S = 60.0  # how long a generation waits (queued) for a live worker to appear
 POLL_BATCH = 32  # frames per poll answer at most
 RECENT_FRAMES = 16  # published frames kept in memory for subscribers (older: from the store)
+PLACE_WAIT_S = 2.0  # extend answers once a worker holds the request, or after this at most
 STORE_RETRIES = 3  # retries of a failed frame append (idempotent) before the session fails
 
 
@@ -94,6 +96,7 @@ class Session:
         self.codes = codes  # committed frames' codes, [h, w] each
         self.recent: OrderedDict[int, dict] = OrderedDict()  # seq -> published frame dict
         self._task: asyncio.Task | None = None
+        self._placed = asyncio.Event()  # the current request reached a worker
         self._worker: tuple[str, Any] | None = None  # (name, handle) of the current worker
         self.last_call = time.monotonic()
         self.calls = 0  # calls in progress (the host never deactivates a grain inside one)
@@ -161,9 +164,15 @@ class Session:
             self.sid, status="queued", prompts=prompts, settings=settings, error=None
         )
         self._start(n + n_frames)
-        return self.state_now()
+        queued = self.state_now()  # the answer: accepted, queued for a worker
+        # answer once a worker holds the request (or PLACE_WAIT_S passed): the next session
+        # placed, on any host, then sees this one in that worker's load
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._placed.wait()), PLACE_WAIT_S)
+        return queued
 
     def _start(self, target: int) -> None:
+        self._placed = asyncio.Event()  # set when a worker accepts the request, or on any end
         self._task = asyncio.get_running_loop().create_task(self._generate(target))
         self._notify()
 
@@ -228,6 +237,7 @@ class Session:
             log.exception("session %s failed", self.sid)
             status, error = "failed", error_message(e)
         self.last_call = time.monotonic()
+        self._placed.set()
         if status is not None:
             try:
                 await self._set(status=status, error=error, rng_state=self._rng_state())
@@ -266,6 +276,7 @@ class Session:
             if self.meta.worker != name or self.meta.status != "running":
                 await self._set(worker=name, status="running")
             if item.get("accepted"):  # the worker holds the request: running from now on
+                self._placed.set()
                 continue
             seq = len(self.codes)
             if int(item["index"]) != seq:

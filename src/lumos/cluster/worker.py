@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from lumos.cluster.runtime import hostname
+from lumos.cluster.runtime import current_node, hostname
 from lumos.devices import resolve_compile
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class Worker:
         from lumos.pipeline import Pipeline
 
         self.started_at = time.time()
+        self.node = current_node()  # placement prefers a host's own node among equals
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if threads is None and self.device == "cpu":
             threads = _assigned_cpus()
@@ -393,10 +394,12 @@ class Worker:
         load = self._load
         return {
             "name": self.name,
+            "node": self.node,
             "started_at": self.started_at,
             "sessions": load["running"] + load["waiting"] + pending,  # waiting is part of it
             "capacity": self.max_batch,
             "streams": len(self._active),
+            "streaming": sorted(self._active),  # session ids with a request here
             **load,
         }
 
