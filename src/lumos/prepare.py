@@ -127,10 +127,10 @@ def prepare(
     docstring. `late`: the fraction of video clips that are windows from late in a long video
     (:class:`~lumos.data.MovingFashionConfig`). Returns the report also written to
     DIR/data.json."""
+    cfg = MovingFashionConfig(frames=frames, late=late)  # ValueError before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
-    cfg = MovingFashionConfig(frames=frames, late=late)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "config.json").is_file():
         t0 = time.time()
@@ -201,8 +201,8 @@ def prepare(
             tokenizer_name=visual.config.name,
         )
         _say(f"shards/{name}: {len(ds)} clips in {time.time() - t0:.0f}s")
-    meta = {"frames": frames, "size": cfg.size, "videos": videos, "images": images, "seed": seed}
-    meta["late"] = late
+    meta = {"frames": frames, "size": cfg.size, "videos": videos, "images": images}
+    meta |= {"seed": seed, "late": late}
     (out / "data.json").write_text(json.dumps({**meta, **report}))
     return report
 
@@ -385,21 +385,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {dest}")
         return 0
     try:
-        MovingFashionConfig(frames=a.frames, late=a.late)
+        prepare(
+            a.out,
+            a.videos,
+            a.images,
+            a.frames,
+            a.tokenizer_steps,
+            a.text_vocab,
+            a.seed,
+            a.device,
+            late=a.late,
+        )
     except ValueError as e:
         print(f"lumos prepare-data: {e}", file=sys.stderr)
         return 2
-    prepare(
-        a.out,
-        a.videos,
-        a.images,
-        a.frames,
-        a.tokenizer_steps,
-        a.text_vocab,
-        a.seed,
-        a.device,
-        late=a.late,
-    )
     return 0
 
 

@@ -132,7 +132,8 @@ class WorkerView:
         if name is None:
             return None
         load = loads[name]
-        if self._placed.get(session_id, ("",))[0] != name:
+        placed = self._placed.get(session_id)
+        if placed is None or placed[0] != name:  # else the refresh already counted it here
             load["sessions"] = int(load.get("sessions", 0)) + 1  # until the worker reports it
         self._placed[session_id] = (name, time.monotonic())
         return name, self.handles[name]

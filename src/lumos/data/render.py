@@ -84,9 +84,8 @@ class Clip:
     caption: str
     items: list[Item] = field(default_factory=list)
     split: str = ""
-    context: int = (
-        0  # leading frames that are history (a late window): training supervises the rest
-    )
+    # leading frames that are history (a late window): training supervises the rest
+    context: int = 0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from lumos.data import CLASSES
 from lumos.devices import COMPILE_CHOICES, DTYPE_CHOICES
 from lumos.evaluate.classifier import CLASSIFIER_DIR, load_classifier, train_classifier
 from lumos.evaluate.compare import compare_results
-from lumos.evaluate.run import evaluate, evaluate_real, evaluate_tokenizer
+from lumos.evaluate.run import check_window, evaluate, evaluate_real, evaluate_tokenizer
 from lumos.settings import add_sampling_flags, sampling_overrides
 
 
@@ -194,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"lumos eval: {e}") from None
     seeds = list(range(args.seed, args.seed + args.seeds))
+
+    def check_window_flag(frames: int) -> None:
+        try:
+            check_window(args.window_from, frames)
+        except ValueError:
+            p.error(f"--window-from must be in [0, {frames}) (the clip's RGB frames)")
+
     results: dict[str, Any] = {
         "classifier": {
             "test_accuracy": classifier.meta.get("test_accuracy"),
@@ -234,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
         frames = args.frames or pipe.settings.frames
         results["settings"]["frames"] = frames
-        if args.window_from is not None and not 0 <= args.window_from < frames:
-            p.error(f"--window-from must be in [0, {frames}) (the clip's RGB frames)")
+        check_window_flag(frames)
         for s in splits:
             r = evaluate(
                 pipe,
@@ -259,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[f"tokenized real {s}"] = r
     if args.real or args.real_only:
         frames = results["settings"]["frames"] or 16
-        if args.window_from is not None and not 0 <= args.window_from < frames:
-            p.error(f"--window-from must be in [0, {frames}) (the clip's RGB frames)")
+        check_window_flag(frames)
         results["real"] = {}
         for s in splits:
             r = evaluate_real(s, args.prompts, seeds, frames, classifier, log, args.window_from)

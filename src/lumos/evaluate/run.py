@@ -55,6 +55,12 @@ def _real_clip(specs: list[ItemSpec], split: str, frames: int, seed: int, index:
     return make_clip(rng, cfg, _data_split(split), spec=specs).video  # [T, 64, 64, 3]
 
 
+def check_window(window_from: int | None, frames: int) -> None:
+    """ValueError unless ``window_from`` (RGB frames scored from) is None or in [0, frames)."""
+    if window_from is not None and not 0 <= window_from < frames:
+        raise ValueError(f"window_from must be in [0, {frames}), got {window_from}")
+
+
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     return list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
 
@@ -149,8 +155,7 @@ def evaluate(
     """
     frames = frames or getattr(getattr(pipeline, "settings", None), "frames", 16)
 
-    if window_from is not None and not 0 <= window_from < frames:
-        raise ValueError(f"window_from must be in [0, {frames}), got {window_from}")
+    check_window(window_from, frames)
 
     def make(caption: str, specs: list[ItemSpec], p: int, seed: int) -> np.ndarray:
         video = pipeline.text_to_video(caption, frames=frames, steps=steps, cfg=cfg, seed=seed)
@@ -174,8 +179,7 @@ def evaluate_real(
     ``window_from``: score only frames ``[window_from, frames)`` of each clip, as
     :func:`evaluate` does (the real late-window ceiling: items have bounced by then).
     """
-    if window_from is not None and not 0 <= window_from < frames:
-        raise ValueError(f"window_from must be in [0, {frames}), got {window_from}")
+    check_window(window_from, frames)
 
     def make(caption: str, specs: list[ItemSpec], p: int, seed: int) -> np.ndarray:
         return _real_clip(specs, split, frames, seed, p)[window_from or 0 :]
