@@ -25,7 +25,7 @@ import torch
 from clustering import assert_complete, collect, wait_for
 from lumos.cluster import LumosClient, NoWorkersError, ServeConfig, runtime
 from lumos.cluster.host import shard_of
-from lumos.cluster.placement import choose, rank
+from lumos.cluster.placement import LOAD_TIMEOUT_S, WorkerView, choose, rank
 from serving import Server
 
 torch.set_num_threads(1)
@@ -112,6 +112,38 @@ def test_placement_ranks_by_fill_then_kv_and_keeps_affinity():
         assert choose(nodes, f"session-{i}", node="n1") == "w1"
     busier = {"w0": {**load(1), "node": "n0"}, "w1": {**load(0), "node": "n1"}}
     assert choose(busier, "s", node="n0") == "w1"  # locality never beats load
+
+
+def test_a_placement_reads_loads_taken_after_it_and_a_busy_worker_is_not_dropped(cfg):
+    """Two hosts place one after the other: the second sees the first's session in the worker's
+    load at once (no cached view); a worker too busy to answer load() keeps its last load."""
+
+    async def body():
+        client = await LumosClient.start(cfg())
+        try:
+            (name,) = runtime.list_workers(NAMESPACE)
+            other_host = WorkerView(NAMESPACE)
+            assert (await other_host.refresh())[name]["sessions"] == 0
+            st, _ = await client.create_session("a coat", 64, steps=20, seed=1)  # on its host
+            picked = await other_host.pick("another session", None)  # at once, from elsewhere
+            assert picked is not None and picked[0] == name
+            # the worker's own count (the first session) plus this placement
+            assert other_host.loads[name]["sessions"] == 2, other_host.loads[name]
+
+            pid = (await ray.get_actor(name, namespace=NAMESPACE).info.remote())["pid"]
+            os.kill(pid, signal.SIGSTOP)  # the worker is busy: load() does not answer
+            try:
+                t0 = time.monotonic()
+                loads = await other_host.refresh()
+                assert time.monotonic() - t0 >= LOAD_TIMEOUT_S  # it did not answer ...
+                assert loads[name]["sessions"] == 2  # ... and still counts, with its last load
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await client.cancel(st["id"])
+        finally:
+            await client.close()
+
+    run(body())
 
 
 # -- KV release, idle deactivation with an open subscriber ---------------------------------------

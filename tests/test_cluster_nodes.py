@@ -66,17 +66,20 @@ def nodes(tmp_path_factory):
 
 
 def watch(port: int, sid: str, token: str, n: int, out: list, errors: list) -> None:
-    """A WebSocket subscriber: frame messages into out until n of them (errors into errors)."""
+    """A WebSocket subscriber: frame messages into out until n of them and the state message
+    saying the session is done (errors into errors)."""
     try:
         with ws_connect(
             f"ws://127.0.0.1:{port}/api/sessions/{sid}/stream?from=0", open_timeout=30
         ) as ws:
             ws.send(json.dumps({"type": "auth", "token": token}))
-            deadline = time.monotonic() + 300
-            while len(out) < n:
+            deadline, done = time.monotonic() + 300, False
+            while len(out) < n or not done:
                 msg = json.loads(ws.recv(timeout=max(1.0, deadline - time.monotonic())))
                 if msg["type"] == "frame":
                     out.append(msg)
+                elif msg["type"] == "state":
+                    done = msg["status"] == "done"
                 elif msg["type"] == "error":
                     raise AssertionError(msg)
     except Exception as e:

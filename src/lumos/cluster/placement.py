@@ -6,13 +6,16 @@ about to be added; `waiting` is a part of it, never added again), `running`, `kv
 cache (affinity, `preferred`) while that worker is live and not overloaded; otherwise it takes
 the least-loaded live worker that has capacity, by (sessions / capacity, kv_bytes), then a
 worker on the session host's own node (`node`; frames then never cross the network), remaining
-ties spread by rendezvous hashing of (session, worker). `WorkerView` is a session host's cached
-view of the workers (their names, handles and loads), refreshed at most every REFRESH_S; a
-placement counts the session into the chosen worker's load (across refreshes, until the worker
-reports the session among its `streaming` ones) so that a burst of sessions on one host spreads
-out. Hosts do not see each other's placements until the workers report them, so
-two hosts placing at the same moment on idle workers each take their own node's worker rather
-than the same hashed one.
+ties spread by rendezvous hashing of (session, worker). `WorkerView` is a session host's view of
+the workers (their names, handles and loads). A placement reads loads taken after it was asked
+for (`pick` waits for a refresh that started after its call; picks that arrive together share
+one), so a session placed on any host is seen by the next one once that worker has accepted it
+(`Session.extend` answers then). A placement also counts the session into the chosen worker's
+load until the worker reports it among its `streaming` ones (PLACED_TTL_S at most), so that a
+burst of sessions on one host spreads out before the workers answer. A worker that does not
+answer load() within LOAD_TIMEOUT_S keeps its last load for SLOW_KEEP_S (a busy worker is not a
+dead one: dropping it would move its sessions off their KV caches); one that Ray reports dead or
+restarting is dropped at once.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Any
 
 from lumos.cluster.runtime import ACTOR_GONE_ERRORS, get_actor, list_workers
 
-LOAD_TIMEOUT_S = 3.0  # a worker that does not answer load() within this is not live
-REFRESH_S = 1.0
+LOAD_TIMEOUT_S = 3.0  # a load() answer later than this counts as none
+SLOW_KEEP_S = 15.0  # a worker missing load() deadlines keeps its last load this long
 PLACED_TTL_S = 10.0  # a placement counts into its worker's load until the worker reports it
 
 
@@ -76,30 +79,43 @@ def choose(
     return ranked[0]
 
 
-async def worker_load(handle, timeout_s: float = LOAD_TIMEOUT_S) -> dict | None:
-    """A worker's load, or None if it is dead or does not answer in time."""
+async def _load_or_why(handle, timeout_s: float) -> dict | str:
+    """A worker's load, or "slow" (no answer in time) or "gone" (Ray: dead or restarting)."""
     try:
         return await asyncio.wait_for(handle.load.remote(), timeout_s)
-    except (TimeoutError, *ACTOR_GONE_ERRORS):
-        return None
+    except TimeoutError:
+        return "slow"
+    except ACTOR_GONE_ERRORS:
+        return "gone"
+
+
+async def worker_load(handle, timeout_s: float = LOAD_TIMEOUT_S) -> dict | None:
+    """A worker's load, or None if it is dead or does not answer in time."""
+    answer = await _load_or_why(handle, timeout_s)
+    return answer if isinstance(answer, dict) else None
 
 
 class WorkerView:
-    """A cached view of the namespace's workers: handles and loads (async; one per host)."""
+    """The namespace's workers as one host sees them: handles and loads (async; one per host)."""
 
     def __init__(self, namespace: str, node: str | None = None) -> None:
         self.namespace = namespace
         self.node = node  # the host's Ray node id: equal loads go to a worker there
         self._placed: dict[str, tuple[str, float]] = {}  # session -> (worker, when), unreported
         self.handles: dict[str, Any] = {}
-        self.loads: dict[str, dict] = {}
-        self._at = 0.0
+        self.loads: dict[str, dict] = {}  # live workers: their reports plus our placements
+        self._reported: dict[str, tuple[dict, float]] = {}  # worker -> (its last load, when)
+        self._started = -1.0  # when the last completed refresh began (monotonic)
         self._lock = asyncio.Lock()
 
-    async def refresh(self, force: bool = False) -> dict[str, dict]:
+    async def refresh(self, since: float | None = None) -> dict[str, dict]:
+        """The live workers' loads, read by a refresh that began at `since` or later (now when
+        None): callers that wait together share one refresh."""
+        since = time.monotonic() if since is None else since
         async with self._lock:
-            if not force and time.monotonic() - self._at < REFRESH_S:
-                return self.loads
+            if self._started >= since:
+                return self.loads  # a refresh began after the caller asked
+            started = time.monotonic()
             names = await asyncio.to_thread(list_workers, self.namespace)
             for name in names:
                 if name not in self.handles:
@@ -109,9 +125,21 @@ class WorkerView:
             for name in set(self.handles) - set(names):
                 del self.handles[name]
             names = list(self.handles)
-            loads = await asyncio.gather(*(worker_load(self.handles[n]) for n in names))
-            self.loads = {n: ld for n, ld in zip(names, loads) if ld is not None}
-            self._at = now = time.monotonic()
+            answers = await asyncio.gather(
+                *(_load_or_why(self.handles[n], LOAD_TIMEOUT_S) for n in names)
+            )
+            now = time.monotonic()
+            reported = {}
+            for name, answer in zip(names, answers):
+                if isinstance(answer, dict):
+                    reported[name] = (answer, now)
+                elif answer == "slow" and name in self._reported:
+                    last = self._reported[name]  # busy is not dead: its last load stands a while
+                    if now - last[1] <= SLOW_KEEP_S:
+                        reported[name] = last
+            self._reported = reported
+            self.loads = {name: dict(load) for name, (load, _) in reported.items()}
+            self._started = started
             for sid, (name, at) in list(self._placed.items()):
                 load = self.loads.get(name)
                 if load is None or now - at > PLACED_TTL_S or sid in load.get("streaming", ()):
@@ -123,7 +151,7 @@ class WorkerView:
     def forget(self, name: str) -> None:
         """A worker was lost: do not place on it until a refresh finds it live again."""
         self.loads.pop(name, None)
-        self._at = 0.0
+        self._reported.pop(name, None)
 
     async def pick(self, session_id: str, preferred: str | None) -> tuple[str, Any] | None:
         """(name, handle) of the worker for the session's next request, or None."""

@@ -300,6 +300,8 @@ class Session:
             except asyncio.CancelledError:
                 await commit
                 raise
+            if item.get("done"):
+                return  # the request's last frame: done now, not when Ray closes the stream
 
     async def _commit(self, rec: FrameRecord, codes: np.ndarray) -> None:
         """Persist one frame (retrying transient store errors: appends are idempotent), then
