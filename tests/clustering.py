@@ -32,9 +32,10 @@ async def wait_for(predicate, timeout_s: float = 30.0, every_s: float = 0.05):
 
 async def assert_complete(client: LumosClient, sid: str, n: int, frames: list[dict]) -> None:
     """seq 0..n-1 exactly once, in order, in the stream and in the store, with equal pixels."""
-    assert [f["seq"] for f in frames] == list(range(n))
+    state = await client.state(sid)
+    assert [f["seq"] for f in frames] == list(range(n)), ([f["seq"] for f in frames], state)
     stored = await client.frames(sid)
-    assert [r.seq for r in stored] == list(range(n))
+    assert [r.seq for r in stored] == list(range(n)), [r.seq for r in stored]
     assert [r.pixels for r in stored] == [f["pixels"] for f in frames]
     assert all(r.pixels[:8] == b"\x89PNG\r\n\x1a\n" for r in stored)
     state = await client.state(sid)
