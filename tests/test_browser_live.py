@@ -197,3 +197,52 @@ def test_live_mode_300_frames_keeps_rate_and_memory_flat(server):
         assert not [r.url for r in requests if token in r.url]
         assert not errors, errors
         context.close()
+
+
+def test_enter_while_an_extend_is_on_its_way_applies_from_the_next_frame(server):
+    """Enter lands while Live mode's next extend (carrying the old prompt) is on its way: the
+    page cancels that chunk as soon as it is answered, so the new prompt starts at once instead
+    of after a whole chunk of the old one."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    with chromium() as browser:
+        context = browser.new_context()
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        page.fill("#prompt", "a red sneaker moves left")
+        page.fill("#frames", "2")
+        page.fill("#steps", "8")  # frames slow enough that a cancel lands within the first
+        page.fill("#seed", "6")
+        page.click("#generate")
+        expect(page.locator("#status")).to_have_text("done")
+        session_id = page.inner_text("#session-id")
+
+        held: list = []  # extend requests the test holds back (Playwright routes)
+        pattern = f"**/api/sessions/{session_id}/extend"
+        page.route(pattern, lambda route: held.append(route))
+        page.click("#live")
+        deadline = time.monotonic() + 60
+        while not held:
+            assert time.monotonic() < deadline, "Live mode sent no extend"
+            page.wait_for_timeout(50)
+        at = int(page.inner_text("#frame-count"))
+        page.fill("#extend-prompt", "a blue ball moves down")
+        page.press("#extend-prompt", "Enter")  # while the extend (old prompt) is on its way
+        held[0].continue_()
+        page.unroute(pattern)  # the next extends go straight through
+        expect(page.locator("#current-prompt")).to_have_text("a blue ball moves down")
+        page.click("#stop")
+        expect(page.locator("#status")).to_have_text("done")
+
+        token = page.evaluate("JSON.parse(localStorage.getItem('lumos.tokens'))")[session_id]
+        headers = {"Authorization": f"Bearer {token}"}
+        state = page.request.get(f"{server.url}api/sessions/{session_id}", headers=headers).json()
+        starts = [p[0] for p in state["prompts"] if p[1] == "a blue ball moves down"]
+        # at most the frame in progress when the cancel landed is of the old prompt (a whole
+        # chunk of 4 without the cancel)
+        assert len(starts) == 1 and at <= starts[0] <= at + 1, (at, state)
+        assert not errors, errors
+        context.close()

@@ -33,6 +33,7 @@ const view = {
   timer: null,
   live: false,
   liveBusy: false,
+  promptNow: false, // Enter was pressed while an extend was on its way (with the old prompt)
   liveRound: 0, // extends Live mode has made (a pending retry of an older round is dropped)
   times: [], // arrival times of the last FPS_WINDOW frames (ms)
 };
@@ -355,6 +356,7 @@ function open(id, token, state) {
     prompts: [],
     target: null,
     times: [],
+    promptNow: false,
   });
   $("filmstrip").replaceChildren();
   $("frame").removeAttribute("src");
@@ -411,12 +413,17 @@ async function liveStep(force = false, tries = 0) {
   const gen = view.gen;
   view.liveBusy = true;
   let retry = 0; // ms until the next try, 0: none
+  let drop = false; // cancel the chunk just asked for
   try {
     const state = await api("POST", sessionPath("/extend"), body, view.token);
     if (gen !== view.gen) return;
     view.liveRound += 1;
     setState(state);
-    if (!view.live) await cancel(); // Stop was pressed while this extend was on its way
+    // Stop was pressed while this extend was on its way, or Enter with a new prompt (then the
+    // cancel's state, done, starts the next extend, which carries it)
+    const typedNow = $("extend-prompt").value.trim();
+    drop = !view.live || (view.promptNow && typedNow !== currentPrompt());
+    view.promptNow = false;
   } catch (err) {
     if (gen !== view.gen) return;
     if (err.status === 409) retry = tries < 20 ? 100 : 0;
@@ -428,6 +435,7 @@ async function liveStep(force = false, tries = 0) {
   } finally {
     if (gen === view.gen) view.liveBusy = false;
   }
+  if (drop) await cancel();
   if (retry) {
     const round = view.liveRound;
     setTimeout(() => {
@@ -454,7 +462,8 @@ async function promptNow(event) {
   event.preventDefault();
   const typed = $("extend-prompt").value.trim();
   if (!typed || typed === currentPrompt()) return;
-  if (busy()) await cancel(); // its state (done) starts the next extend, with the new prompt
+  if (view.liveBusy) view.promptNow = true; // the extend on its way: cancelled when it lands
+  else if (busy()) await cancel(); // its state (done) starts the next extend, with the new prompt
   else liveStep();
 }
 
