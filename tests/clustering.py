@@ -38,5 +38,4 @@ async def assert_complete(client: LumosClient, sid: str, n: int, frames: list[di
     assert [r.seq for r in stored] == list(range(n)), [r.seq for r in stored]
     assert [r.pixels for r in stored] == [f["pixels"] for f in frames]
     assert all(r.pixels[:8] == b"\x89PNG\r\n\x1a\n" for r in stored)
-    state = await client.state(sid)
     assert state["status"] == "done" and state["n_frames"] == n, state

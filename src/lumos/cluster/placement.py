@@ -15,7 +15,8 @@ load until the worker reports it among its `streaming` ones (PLACED_TTL_S at mos
 burst of sessions on one host spreads out before the workers answer. A worker that does not
 answer load() within LOAD_TIMEOUT_S keeps its last load for SLOW_KEEP_S (a busy worker is not a
 dead one: dropping it would move its sessions off their KV caches); one that Ray reports dead or
-restarting is dropped at once.
+restarting is dropped at once. Listing the workers' names (a GCS call) is cached for NAMES_S:
+a new worker is placed on within a second of registering.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lumos.cluster.runtime import ACTOR_GONE_ERRORS, get_actor, list_workers
 
 LOAD_TIMEOUT_S = 3.0  # a load() answer later than this counts as none
 SLOW_KEEP_S = 15.0  # a worker missing load() deadlines keeps its last load this long
+NAMES_S = 1.0  # the workers' names (a GCS call) are listed at most this often; loads every pick
 PLACED_TTL_S = 10.0  # a placement counts into its worker's load until the worker reports it
 
 
@@ -106,24 +108,20 @@ class WorkerView:
         self.loads: dict[str, dict] = {}  # live workers: their reports plus our placements
         self._reported: dict[str, tuple[dict, float]] = {}  # worker -> (its last load, when)
         self._started = -1.0  # when the last completed refresh began (monotonic)
+        self._listed = -NAMES_S  # when the workers' names were last listed
         self._lock = asyncio.Lock()
 
-    async def refresh(self, since: float | None = None) -> dict[str, dict]:
-        """The live workers' loads, read by a refresh that began at `since` or later (now when
-        None): callers that wait together share one refresh."""
-        since = time.monotonic() if since is None else since
+    async def refresh(self) -> dict[str, dict]:
+        """The live workers' loads, read by a refresh that began after this call (callers that
+        wait together share one). The workers' names are listed at most every NAMES_S."""
+        since = time.monotonic()
         async with self._lock:
             if self._started >= since:
                 return self.loads  # a refresh began after the caller asked
             started = time.monotonic()
-            names = await asyncio.to_thread(list_workers, self.namespace)
-            for name in names:
-                if name not in self.handles:
-                    handle = get_actor(name, self.namespace)
-                    if handle is not None:
-                        self.handles[name] = handle
-            for name in set(self.handles) - set(names):
-                del self.handles[name]
+            if started - self._listed >= NAMES_S:
+                await self._list()
+                self._listed = started
             names = list(self.handles)
             answers = await asyncio.gather(
                 *(_load_or_why(self.handles[n], LOAD_TIMEOUT_S) for n in names)
@@ -147,6 +145,17 @@ class WorkerView:
                 else:
                     load["sessions"] = int(load.get("sessions", 0)) + 1
             return self.loads
+
+    async def _list(self) -> None:
+        """Handles of the namespace's registered workers (new ones added, gone ones removed)."""
+        names = await asyncio.to_thread(list_workers, self.namespace)
+        for name in names:
+            if name not in self.handles:
+                handle = get_actor(name, self.namespace)
+                if handle is not None:
+                    self.handles[name] = handle
+        for name in set(self.handles) - set(names):
+            del self.handles[name]
 
     def forget(self, name: str) -> None:
         """A worker was lost: do not place on it until a refresh finds it live again."""
